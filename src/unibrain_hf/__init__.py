@@ -1,0 +1,1 @@
+"""UniBrain as a Hugging Face-native package."""

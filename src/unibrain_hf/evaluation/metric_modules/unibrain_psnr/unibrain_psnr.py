@@ -1,0 +1,59 @@
+"""PSNR of generated MRI slices or volumes, as UniBrain's evaluation computes it.
+
+Thin ``evaluate`` wrapper over :func:`unibrain_hf.evaluation.metrics.psnr` (images / 255,
+scikit-image ``peak_signal_noise_ratio`` with ``data_range=1``):
+
+    python -c "import evaluate; m = evaluate.load('src/unibrain_hf/evaluation/metric_modules/unibrain_psnr'); print(m.compute(predictions=[[[0, 0]]], references=[[[0, 255]]]))"
+"""
+
+import datasets
+import evaluate
+import numpy as np
+from unibrain_hf.evaluation.metrics import psnr
+
+_DESCRIPTION = """Peak signal-to-noise ratio between a generated and a ground-truth MRI slice (y, x) or
+volume (z, y, x). Both are divided by `max_value` (255 by default: uint8 intensities) and compared with
+scikit-image's peak_signal_noise_ratio at data_range=1 over the whole array, background included."""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: generated images, each a 2-D or 3-D array of intensities in [0, max_value].
+    references: ground-truth images, same shapes.
+    max_value: intensity that maps to 1.0 (default 255). Use 1.0 for float images in [0, 1].
+Returns:
+    psnr: mean PSNR in dB over the pairs (inf when any pair is identical).
+    per_item: the PSNR of each pair.
+"""
+
+_CITATION = """@article{wang2004image,
+  title={Image quality assessment: from error visibility to structural similarity},
+  author={Wang, Zhou and Bovik, Alan C and Sheikh, Hamid R and Simoncelli, Eero P},
+  journal={IEEE Transactions on Image Processing}, volume={13}, number={4}, pages={600--612}, year={2004}}"""
+
+
+def _image_features(dimensions):
+    value = datasets.Value("float64")
+    for _ in range(dimensions):
+        value = datasets.List(value)
+    return datasets.Features({"predictions": value, "references": value})
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class UnibrainPsnr(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            # One schema per accepted rank: 2-D slices and 3-D volumes.
+            features=[_image_features(2), _image_features(3)],
+        )
+
+    def _compute(self, predictions, references, max_value=255.0):
+        per_item = [
+            psnr(np.asarray(reference), np.asarray(prediction), max_value=max_value)
+            for prediction, reference in zip(predictions, references)
+        ]
+        if not per_item:
+            raise ValueError("no image pairs to score")
+        return {"psnr": float(np.mean(per_item)), "per_item": per_item}

@@ -1,0 +1,176 @@
+"""Image and text metrics of the UniBrain evaluation protocol (REFERENCE.md §8).
+
+* :func:`psnr` and :func:`ssim` reproduce the reference numbers exactly: both images are
+  divided by 255 and handed to scikit-image's ``peak_signal_noise_ratio`` /
+  ``structural_similarity`` with ``data_range=1`` and every other argument left at
+  scikit-image's default (7-wide uniform window, K1 0.01, K2 0.03, sample covariance).
+  A 2-D array is a slice; a 3-D array is a (z, y, x) volume, for which scikit-image slides
+  a 7×7×7 window (the reference's 3-D mode). The whole array is compared, background
+  included, as the reference does.
+* :func:`rouge_scores` gives ROUGE-1/2/L F-measures of generated reports with Google's
+  ``rouge_score`` package (Porter stemming on). The reference repository has no ROUGE code,
+  so this is our choice of the common convention, not a reproduction.
+
+    python -c "import numpy as np; from unibrain_hf.evaluation.metrics import psnr; print(psnr(np.zeros((8, 8), np.uint8), np.full((8, 8), 255, np.uint8)))"
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+from skimage.metrics import peak_signal_noise_ratio as _skimage_psnr
+from skimage.metrics import structural_similarity as _skimage_ssim
+
+#: The intensity that maps to 1.0 for integer images: the reference's slices are uint8.
+UINT8_MAX_VALUE = 255.0
+
+#: ROUGE variants reported by default (F-measure of each).
+DEFAULT_ROUGE_TYPES: tuple[str, ...] = ("rouge1", "rouge2", "rougeL")
+
+#: scikit-image's default SSIM window; every spatial side must be at least this long.
+SSIM_WINDOW = 7
+
+
+def to_unit_range(image, max_value: float | None = None, *, name: str = "image") -> np.ndarray:
+    """Return ``image / max_value`` as float64, checked to be finite and inside [0, 1].
+
+    ``max_value=None`` picks the scale from the dtype: integer images are divided by 255
+    (uint8 intensities, exactly the reference's ``img / 255.``); float images are taken to
+    be in [0, 1] already and are used unchanged. A float image holding 0–255 values is
+    rejected rather than silently scored on the wrong scale; pass ``max_value=255`` for it.
+    """
+    array = np.asarray(image)
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise ValueError(f"{name} must be an integer (uint8) or float array, got dtype {array.dtype}")
+    if array.ndim not in (2, 3):
+        raise ValueError(
+            f"{name} must be a 2-D slice (y, x) or a 3-D volume (z, y, x), got shape {array.shape}; "
+            "convert RGB images to grayscale first"
+        )
+    if array.size == 0:
+        raise ValueError(f"{name} is empty (shape {array.shape})")
+    if max_value is None:
+        max_value = UINT8_MAX_VALUE if np.issubdtype(array.dtype, np.integer) else 1.0
+    if not np.isfinite(max_value) or max_value <= 0:
+        raise ValueError(f"max_value must be a positive finite number, got {max_value}")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if np.issubdtype(array.dtype, np.integer):
+        # Dividing the integer array itself gives float64 values bit-identical to the
+        # reference's ``uint8_array / 255.``.
+        scaled = array / float(max_value)
+    else:
+        scaled = array.astype(np.float64) / float(max_value)
+    low, high = float(scaled.min()), float(scaled.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"{name} values span [{low * max_value:g}, {high * max_value:g}], outside [0, {max_value:g}]; "
+            "pass uint8 images, floats in [0, 1], or the right max_value"
+        )
+    return scaled
+
+
+def _paired_unit_images(gt, pred, max_value: float | None) -> tuple[np.ndarray, np.ndarray]:
+    ground_truth = to_unit_range(gt, max_value, name="gt")
+    prediction = to_unit_range(pred, max_value, name="pred")
+    if ground_truth.shape != prediction.shape:
+        raise ValueError(f"gt and pred shapes differ: {ground_truth.shape} vs {prediction.shape}")
+    return ground_truth, prediction
+
+
+def psnr(gt, pred, *, max_value: float | None = None) -> float:
+    """Peak signal-to-noise ratio in dB, as the reference computes it.
+
+    Args:
+        gt: ground-truth slice (y, x) or volume (z, y, x); uint8 0–255 or float in [0, 1].
+        pred: generated image of the same shape and convention.
+        max_value: intensity that maps to 1.0; ``None`` = 255 for integer, 1 for float arrays.
+
+    Returns ``inf`` for identical images (zero error); a mean over subjects that includes
+    such a pair is therefore ``inf`` too, which is what the reference would print.
+    """
+    ground_truth, prediction = _paired_unit_images(gt, pred, max_value)
+    # Zero error divides by zero inside scikit-image; inf is the correct PSNR there.
+    with np.errstate(divide="ignore"):
+        return float(_skimage_psnr(ground_truth, prediction, data_range=1))
+
+
+def ssim(gt, pred, *, max_value: float | None = None) -> float:
+    """Structural similarity with scikit-image defaults and ``data_range=1``.
+
+    Same inputs as :func:`psnr`. A 3-D input is scored as one volume with a 7×7×7 window,
+    so every side of the array must be at least 7 long.
+    """
+    ground_truth, prediction = _paired_unit_images(gt, pred, max_value)
+    if min(ground_truth.shape) < SSIM_WINDOW:
+        raise ValueError(
+            f"SSIM needs every side to be at least {SSIM_WINDOW} (its window), got shape {ground_truth.shape}"
+        )
+    return float(_skimage_ssim(ground_truth, prediction, data_range=1))
+
+
+def _check_text_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
+    if isinstance(predictions, str) or isinstance(references, str):
+        raise ValueError("predictions and references must be lists of strings, not single strings")
+    if len(predictions) == 0:
+        raise ValueError("predictions is empty")
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    for index, (prediction, reference) in enumerate(zip(predictions, references)):
+        if not isinstance(prediction, str) or not isinstance(reference, str):
+            raise ValueError(
+                f"item {index}: predictions and references must be str, got "
+                f"{type(prediction).__name__} and {type(reference).__name__}"
+            )
+
+
+def rouge_per_item(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    *,
+    rouge_types: Sequence[str] = DEFAULT_ROUGE_TYPES,
+    use_stemmer: bool = True,
+) -> list[dict[str, float]]:
+    """ROUGE F-measure of each (prediction, reference) pair, one dict per pair.
+
+    ``rouge_score`` lower-cases, keeps only ``[a-z0-9]`` tokens and (with ``use_stemmer``)
+    Porter-stems them, so "Tumors" and "tumor" match. A text with fewer than two tokens
+    has no bigrams, so its ROUGE-2 is 0 even against itself.
+    """
+    from rouge_score import rouge_scorer  # imported here: optional ``eval`` extra
+
+    _check_text_pairs(predictions, references)
+    if isinstance(rouge_types, str) or len(rouge_types) == 0:
+        raise ValueError("rouge_types must be a non-empty list such as ['rouge1', 'rouge2', 'rougeL']")
+    unknown = [rouge_type for rouge_type in rouge_types if not re.fullmatch(r"rouge([1-9]|L|Lsum)", str(rouge_type))]
+    if unknown:
+        # rouge_score itself would only complain at the first score() call.
+        raise ValueError(f"unknown ROUGE type(s) {unknown}; use rouge1..rouge9, rougeL or rougeLsum")
+    scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
+    per_item = []
+    for prediction, reference in zip(predictions, references):
+        # rouge_score's argument order is (target, prediction).
+        scores = scorer.score(reference, prediction)
+        per_item.append({rouge_type: float(scores[rouge_type].fmeasure) for rouge_type in rouge_types})
+    return per_item
+
+
+def rouge_scores(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    *,
+    rouge_types: Sequence[str] = DEFAULT_ROUGE_TYPES,
+    use_stemmer: bool = True,
+) -> dict:
+    """Mean ROUGE F-measures over all pairs, plus the per-pair values.
+
+    Returns ``{"rouge1": mean, "rouge2": mean, "rougeL": mean, "per_item": [{...}, ...]}``
+    (one mean key per entry of ``rouge_types``). Means are plain arithmetic means of the
+    per-pair F-measures (no bootstrap aggregation).
+    """
+    per_item = rouge_per_item(predictions, references, rouge_types=rouge_types, use_stemmer=use_stemmer)
+    means: dict = {rouge_type: float(np.mean([item[rouge_type] for item in per_item])) for rouge_type in rouge_types}
+    means["per_item"] = per_item
+    return means

@@ -303,6 +303,17 @@ def convert_flux_vae(ae_path: Path, out_dir: Path, scaling_factor: float, shift_
     return vae
 
 
+def processor_from_bagel(model_meta: dict, config: UniBrainConfig, tokenizer):
+    """The image geometry UniBrain uses (VAE 512/256/16, ViT 980/224/14) unless the directory says otherwise."""
+    from ..processing.processor import UniBrainProcessor
+
+    vae_t, vit_t = model_meta.get("vae_transform", {}), model_meta.get("vit_transform", {})
+    return UniBrainProcessor.for_model(
+        config, tokenizer,
+        vae_max_size=vae_t.get("max_image_size", 512), vae_min_size=vae_t.get("min_image_size", 256),
+        vit_max_size=vit_t.get("max_image_size", 980), vit_min_size=vit_t.get("min_image_size", 224))
+
+
 # ------------------------------------------------------------------------------------------ entry
 def convert_bagel_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
                              weights: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
@@ -352,6 +363,7 @@ def convert_bagel_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathL
         convert_flux_vae(src_dir / "ae.safetensors", tmp / "vae",
                          vae_meta.get("scale_factor", 0.3611), vae_meta.get("shift_factor", 0.1159))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        processor_from_bagel(model_meta, config, tokenizer).save_pretrained(tmp / "processor", save_tokenizer=False)
         from ..pipelines.components import write_pipeline_index
 
         write_pipeline_index(tmp, config)

@@ -1,7 +1,7 @@
 """The components of a saved UniBrain pipeline directory and how they are written.
 
 A pipeline directory holds ``model_index.json`` plus one sub-folder per component
-(``model``, ``vae``, ``scheduler``, ``tokenizer``). The scheduler is diffusers'
+(``model``, ``vae``, ``scheduler``, ``tokenizer``, ``processor``). The scheduler is diffusers'
 ``FlowMatchEulerDiscreteScheduler``; UniBrain's sampler passes the reference time grid
 (``linspace(1, 0, N)`` shifted) to it explicitly, so its own training-step settings are inert.
 
@@ -38,6 +38,7 @@ def write_pipeline_index(directory: str | Path, config=None) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "tokenizer": ["transformers", tokenizer_class],
+        "processor": ["unibrain_hf.processing.processor", "UniBrainProcessor"],
     }
     (directory / "model_index.json").write_text(json.dumps(index, indent=2))
 

@@ -181,6 +181,7 @@ def write_cohort(records, out_dir: str | os.PathLike, split: dict[str, list[str]
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes the folder owner-only; a cohort is meant to be shared
     try:
         rows, subjects, chunk = [], [], 0
 

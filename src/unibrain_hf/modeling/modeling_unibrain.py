@@ -620,6 +620,9 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
         reference = und_embeds if und_embeds is not None else gen_embeds
         batch, device = reference.shape[0], reference.device
         total = (0 if und_embeds is None else und_embeds.shape[1]) + (0 if gen_embeds is None else gen_embeds.shape[1])
+        if und_index is None and gen_index is None:  # a single-expert block
+            everything = torch.arange(total, device=device)
+            und_index, gen_index = (everything, None) if gen_embeds is None else (None, everything)
         routing = TokenRouting(total, und_index, gen_index, device)
         if cache.length and cache.batch_size != batch:
             raise ValueError(f"cache holds batch size {cache.batch_size} but the block has {batch}")
@@ -723,3 +726,9 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
 
 __all__ = ["UniBrainForConditionalGeneration", "UniBrainPreTrainedModel", "UniBrainOutput", "UniBrainKVCache",
            "sincos_2d_table", "flattened_position_ids"]
+
+
+# Saved checkpoints carry an ``auto_map`` and a copy of this code, so Hub users without the
+# package can load them with ``AutoModel.from_pretrained(..., trust_remote_code=True)``.
+UniBrainConfig.register_for_auto_class()
+UniBrainForConditionalGeneration.register_for_auto_class("AutoModel")

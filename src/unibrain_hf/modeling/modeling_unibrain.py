@@ -421,6 +421,17 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
         self.latent_pos_embed = SinCosPositionTable(config.max_latent_size, hidden)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Like ``PreTrainedModel.from_pretrained``; a local pipeline directory loads its ``model/`` folder."""
+        import os
+
+        path = str(pretrained_model_name_or_path)
+        if ("subfolder" not in kwargs and os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json"))
+                and os.path.exists(os.path.join(path, "model", "config.json"))):
+            kwargs["subfolder"] = "model"
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     # ------------------------------------------------------------------ helpers
     def get_input_embeddings(self):
         return self.language_model.embed_tokens

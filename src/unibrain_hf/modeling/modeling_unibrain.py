@@ -505,6 +505,7 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
         vit_token_indexes: torch.LongTensor | None = None,
         vit_seqlens: torch.Tensor | None = None,
         padded_latents: torch.Tensor | None = None,
+        latent_tokens: torch.Tensor | None = None,
         latent_shapes: list | torch.Tensor | None = None,
         latent_position_ids: torch.LongTensor | None = None,
         vae_token_indexes: torch.LongTensor | None = None,
@@ -523,7 +524,8 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
         Text (and image marker) tokens and ViT tokens use the understanding expert, VAE latent
         tokens the generation expert. Noisy latents (``timesteps`` finite) are mixed with
         ``flow_noise`` (drawn with ``generator`` when not given) as ``x_t = (1−t)·x0 + t·ε`` and
-        the velocity target is ``ε − x0``.
+        the velocity target is ``ε − x0``. ``latent_tokens`` may replace ``padded_latents`` with
+        already patchified clean latents (Σ h·w, p·p·C).
         """
         device = self.lm_head.weight.device
         dtype = self.lm_head.weight.dtype
@@ -550,9 +552,13 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
         # --- generation rows: VAE latent tokens (clean context copies and noisy targets)
         gen_hidden = gen_index = None
         flow_t = x_t = clean = noise = None
-        if padded_latents is not None and vae_token_indexes is not None and vae_token_indexes.numel() > 0:
-            patch = self.config.latent_patch_size
-            clean = self.patchify_latents(padded_latents.to(device=device, dtype=dtype), latent_shapes, patch)
+        has_latents = padded_latents is not None or latent_tokens is not None
+        if has_latents and vae_token_indexes is not None and vae_token_indexes.numel() > 0:
+            if latent_tokens is not None:  # already patchified (e.g. the self-forcing CE pass)
+                clean = latent_tokens.to(device=device, dtype=dtype)
+            else:
+                clean = self.patchify_latents(padded_latents.to(device=device, dtype=dtype), latent_shapes,
+                                              self.config.latent_patch_size)
             if clean.shape[0] != vae_token_indexes.numel():
                 raise ValueError(f"latents give {clean.shape[0]} tokens but vae_token_indexes has "
                                  f"{vae_token_indexes.numel()}")

@@ -110,7 +110,7 @@ def check_inference(fixture_dir, converted_dir) -> dict[str, float]:
 
     height, width = (int(s) for s in ref["img.image_shape"].tolist())
     config = pipe.model.config
-    tokens = UniBrainForConditionalGeneration_patchify(latent_out, config)
+    tokens = latent_grid_to_tokens(latent_out, config)
     diffs["latents.output_tokens"] = _max_diff(tokens, ref["img.generate_image.output_latent_tokens"])
     diffs["latents.vae_decode_input"] = _max_diff(latent_out[None], ref["img.vae_decode_input"])
     decoded = pipe.decode_latent_tokens(tokens[None], height, width)
@@ -118,8 +118,18 @@ def check_inference(fixture_dir, converted_dir) -> dict[str, float]:
     generated = pipe(**call, output_type="np").images["output"]
     diffs["image_uint8.generated"] = _max_diff(np.round(generated * 255), ref["output.generated_image_uint8"])
 
-    # ---- text run: the same context built by the pipeline's blocks, then greedy decoding.
+    # ---- the VAE encoding of the context image (input tensor and sampled latent).
+    from ..modeling.vae import encode_latents
+    from ..processing.image_transforms import to_model_tensor
+
     prepared = pipe.prepare_slices({"input": image})
+    vae_input = to_model_tensor(prepared["input"].image())[None]
+    diffs["vae_encode.input"] = _max_diff(vae_input, ref["img.vae_encode_input"])
+    with torch.no_grad():
+        diffs["vae_encode.output"] = _max_diff(encode_latents(pipe.vae, vae_input, posterior_eps=eps),
+                                               ref["img.vae_encode_output"])
+
+    # ---- text run: the same context built by the pipeline's blocks, then greedy decoding.
     text_context = pipe.new_context()
     text_context.add_image(pipe.encode_images([prepared["input"].rgb], eps))
     text_context.add_instruction(pipe.tokenize(prompt))
@@ -134,7 +144,7 @@ def check_inference(fixture_dir, converted_dir) -> dict[str, float]:
     return diffs
 
 
-def UniBrainForConditionalGeneration_patchify(latent_grid: torch.Tensor, config) -> torch.Tensor:
+def latent_grid_to_tokens(latent_grid: torch.Tensor, config) -> torch.Tensor:
     """(C, h·p, w·p) latent grid → (h·w, p·p·C) tokens."""
     from ..modeling.modeling_unibrain import UniBrainForConditionalGeneration
 

@@ -11,7 +11,8 @@ output, the gradient of every parameter, and an inference trace. This tool
 4. feeds the recorded VAE posterior ε, flow noise and timesteps, runs forward + backward,
 5. compares the packed inputs, CE / MSE (per token and means), logits, velocities, the LLM input
    sequence, every layer's output, the last hidden state and all gradients,
-6. replays the inference trace through the pipeline (when available),
+6. replays the inference trace through ``UniBrainPipeline`` (KV cache after prefill, every step's
+   conditional / CFG velocities, final latents, decoded image, greedy text ids and logits),
 
 and prints a JSON report of max |difference| per quantity. The exit code is 0 only if every
 quantity is within tolerance.
@@ -213,14 +214,10 @@ def run(fixture_dir: str | Path, attn: str = "sdpa", work_dir: str | Path | None
         converted = Path(tmp) / "converted"
         convert_bagel_checkpoint(fixture_dir, converted)
         check_training(fixture_dir, converted, report, attn=attn)
-        try:
-            from .inference_parity import check_inference
-        except ImportError:
-            report.skip("inference", "the pipeline's inference replay is not available")
-        else:
-            for name, value in check_inference(fixture_dir, converted).items():
-                difference, tolerance = value if isinstance(value, tuple) else (value, TOLERANCES["activation"])
-                report.add(f"infer.{name}", float(difference), float(tolerance))
+        from .inference_parity import check_inference, tolerance_for
+
+        for name, difference in check_inference(fixture_dir, converted).items():
+            report.add(f"infer.{name}", float(difference), tolerance_for(name))
     return report.to_dict()
 
 

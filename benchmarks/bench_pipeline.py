@@ -1,0 +1,123 @@
+"""CPU benchmark of ``UniBrainPipeline``'s unified task: 1 input slice → k targets + impression + diagnosis.
+
+Workload: a small but realistically shaped random model (MoT decoder hidden 512, 4 layers,
+8 query / 2 KV heads, intermediate 1376; SigLIP hidden 256, 4 layers; FLUX-shaped VAE with 64
+base channels), 128×128 slices, 10 sampler grid points (9 Euler steps), both guidance branches
+on (text 3, image 1.2, interval [0.4, 1], text_channel), thinking before every image. Random
+weights never emit ``<|im_end|>``, so every text runs to ``--max-new-tokens``. Runs k = 1, 2, 3
+targets in one process and reports wall time, time per target (split into denoising and the
+rest: text, VAE, prefill) and the process's peak RSS (``ru_maxrss``, monotonic over the run).
+
+Run from the repository root (about a minute on a 2-core machine):
+
+    python benchmarks/bench_pipeline.py --threads 2 --max-new-tokens 32
+
+The tokenizer is converted from the BAGEL fixture (``--fixture``) into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+SEED = 0
+
+
+def build_pipeline(tokenizer_dir: str):
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, Qwen2Config, SiglipVisionConfig
+
+    from unibrain_hf import UniBrainConfig, UniBrainForConditionalGeneration, UniBrainPipeline, UniBrainProcessor
+    from unibrain_hf.modeling.vae import flux_vae_config
+    from unibrain_hf.pipelines.components import flow_match_scheduler
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    special = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                                           "<|vision_end|>")]
+    text = Qwen2Config(vocab_size=1024, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=8192,
+                       rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+                       tie_word_embeddings=False)
+    vision = SiglipVisionConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                                num_channels=3, image_size=70 * 14, patch_size=14, hidden_act="gelu_pytorch_tanh",
+                                layer_norm_eps=1e-6)
+    config = UniBrainConfig(text_config=text, vision_config=vision, latent_patch_size=2, max_latent_size=64,
+                            vit_max_num_patch_per_side=70, latent_channels=16, vae_downsample=8,
+                            bos_token_id=special[0], eos_token_id=special[1], start_of_image_token_id=special[2],
+                            end_of_image_token_id=special[3])
+    torch.manual_seed(SEED)
+    model = UniBrainForConditionalGeneration(config).eval()
+    with torch.no_grad():  # the velocity head is zero-initialised; give it weights so outputs vary
+        model.llm2vae.weight.normal_(0, 0.02)
+    vae = AutoencoderKL(**flux_vae_config(64, (1, 2, 4, 4), 1, 16, 128)).eval()
+    processor = UniBrainProcessor(tokenizer, vae_max_size=128, vae_min_size=128, vae_stride=16, vit_max_size=126,
+                                  vit_min_size=126, vit_patch_size=14, max_latent_size=64,
+                                  vit_max_num_patch_per_side=70)
+    pipe = UniBrainPipeline(model=model, vae=vae, scheduler=flow_match_scheduler(), tokenizer=tokenizer,
+                            processor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_unified(pipe, targets, max_new_tokens: int) -> dict:
+    rng = np.random.default_rng(SEED)
+    image = rng.normal(100, 25, size=(128, 128)).astype(np.float32)
+    denoise_seconds = {}
+    marks = {}
+
+    def timer(pipeline, step, t, kwargs):
+        code = kwargs["target_modality"]
+        now = time.perf_counter()
+        marks.setdefault(code, [now])
+        marks[code].append(now)
+        return {}
+
+    start = time.perf_counter()
+    pipe(images={"t1n": image}, target_modalities=list(targets), task="unified", num_inference_steps=10,
+         max_new_tokens=max_new_tokens, generator=torch.Generator().manual_seed(SEED),
+         callback_on_step_end=timer, callback_on_step_end_tensor_inputs=["target_modality"])
+    total = time.perf_counter() - start
+    for code, times in marks.items():
+        # first mark is after step 0; extrapolate the first step with the mean of the others
+        mean_step = (times[-1] - times[0]) / max(len(times) - 1, 1)
+        denoise_seconds[code] = round(times[-1] - times[0] + mean_step, 3)
+    return {"targets": len(targets), "total_s": round(total, 2), "denoise_s_per_target": denoise_seconds,
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="text budget per generated text")
+    parser.add_argument("--fixture", default="/work/shared/fixtures/bagel_tiny", help="BAGEL fixture (tokenizer)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from unibrain_hf.convert.convert_bagel import convert_bagel_checkpoint
+
+    with tempfile.TemporaryDirectory() as workdir:
+        convert_bagel_checkpoint(args.fixture, f"{workdir}/converted")
+        pipe = build_pipeline(f"{workdir}/converted/tokenizer")
+    run_unified(pipe, ["t2w"], 2)  # warm-up (allocator, kernels)
+    results = [run_unified(pipe, ["t2w", "t2f", "t1c"][:k], args.max_new_tokens) for k in (1, 2, 3)]
+    print(f"threads={args.threads} max_new_tokens={args.max_new_tokens}")
+    print("| targets | total s | s per target | denoise s per target | peak RSS MiB |")
+    print("|---|---|---|---|---|")
+    for row in results:
+        per_target = row["total_s"] / row["targets"]
+        print(f"| {row['targets']} | {row['total_s']} | {per_target:.2f} | {row['denoise_s_per_target']} | "
+              f"{row['peak_rss_mib']} |")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"threads": args.threads, "max_new_tokens": args.max_new_tokens, "results": results}, handle,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()

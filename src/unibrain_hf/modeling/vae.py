@@ -19,14 +19,15 @@ FLUX_SHIFT_FACTOR = 0.1159
 
 def flux_vae_config(base_channels: int = 128, channel_multipliers=(1, 2, 4, 4), num_res_blocks: int = 2,
                     latent_channels: int = 16, sample_size: int = 256,
-                    scaling_factor: float = FLUX_SCALING_FACTOR, shift_factor: float = FLUX_SHIFT_FACTOR) -> dict:
+                    scaling_factor: float = FLUX_SCALING_FACTOR, shift_factor: float = FLUX_SHIFT_FACTOR,
+                    norm_num_groups: int = 32) -> dict:
     """An ``AutoencoderKL`` config with FLUX's architecture (no quant convs, mid attention, GroupNorm 32)."""
     levels = len(channel_multipliers)
     return dict(
         in_channels=3, out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
         block_out_channels=[base_channels * m for m in channel_multipliers], layers_per_block=num_res_blocks,
-        act_fn="silu", latent_channels=latent_channels, norm_num_groups=32, sample_size=sample_size,
+        act_fn="silu", latent_channels=latent_channels, norm_num_groups=norm_num_groups, sample_size=sample_size,
         scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False,
         mid_block_add_attention=True, force_upcast=True)
 

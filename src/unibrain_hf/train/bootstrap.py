@@ -11,7 +11,7 @@ ingredients the tiny model needs from a cohort:
 3. a randomly initialised UniBrain model of the requested width, with the generation expert
    initialised as a copy of the understanding expert, as BAGEL does.
 
-    python -m unibrain_hf.train.bootstrap out/cohort out/init --hidden-size 128 --layers 4 --vae-steps 300
+    python -m unibrain_hf.train.bootstrap out/cohort out/init --hidden-size 128 --layers 4 --vae-steps 200
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def slice_images(records, image_size: int, per_record: int, rng: np.random.Gener
     return np.stack(slices)
 
 
-def fit_vae(images: np.ndarray, steps: int = 300, batch_size: int = 16, base_channels: int = 32, seed: int = 0,
+def fit_vae(images: np.ndarray, steps: int = 200, batch_size: int = 8, base_channels: int = 16, seed: int = 0,
             learning_rate: float = 1e-3, kl_weight: float = 1e-6, log=print):
     """Fit a small FLUX-shaped ``AutoencoderKL`` to reconstruct ``images`` (uint8 (N, H, W))."""
     from diffusers import AutoencoderKL
@@ -86,7 +86,9 @@ def fit_vae(images: np.ndarray, steps: int = 300, batch_size: int = 16, base_cha
     from ..modeling.vae import flux_vae_config
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**flux_vae_config(base_channels, (1, 2, 2, 2), 1, 16, images.shape[-1]))
+    # FLUX's layout (3 downsamplings, 16 latent channels) at a width a CPU can fit in minutes.
+    vae = AutoencoderKL(**flux_vae_config(base_channels, (1, 2, 2, 2), 1, 16, images.shape[-1],
+                                          norm_num_groups=8))
     data = torch.from_numpy(images).float().div(127.5).sub(1.0)[:, None].repeat(1, 3, 1, 1)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
@@ -132,7 +134,7 @@ def build_model(tokenizer, hidden_size: int = 128, layers: int = 4, heads: int =
 
 
 def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: int = 64, hidden_size: int = 128,
-                       layers: int = 4, vae_steps: int = 300, vocab_size: int = 1024, seed: int = 0,
+                       layers: int = 4, vae_steps: int = 200, vocab_size: int = 1024, seed: int = 0,
                        log=print) -> Path:
     """Write a starting pipeline directory (model / vae / tokenizer / processor / scheduler) to ``out_dir``."""
     from ..data.radgenome import iter_subject_records
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vae-steps", type=int, default=300)
+    parser.add_argument("--vae-steps", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = bootstrap_pipeline(args.cohort_dir, args.out_dir, image_size=args.image_size, hidden_size=args.hidden_size,

@@ -48,6 +48,7 @@ class DataSection:
     max_num_tokens_per_sample: int = 16384
     prefer_buffer_before: int = 16384
     num_workers: int = 0
+    num_epochs: int | None = None  # None: cycle the cohort forever (max_steps ends the run)
 
 
 @dataclass

@@ -127,7 +127,7 @@ def build_dataset(config: TrainConfig, processor, rank: int, world_size: int):
     if not records:
         raise ValueError(f"no usable subjects in {data.path} (split {data.split!r})")
     return PackedDataset(records, task=task, processor=processor, dropout=dropout, budget=budget,
-                         seed=config.train.data_seed, rank=rank, world_size=world_size)
+                         seed=config.train.data_seed, num_epochs=data.num_epochs, rank=rank, world_size=world_size)
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -196,7 +196,6 @@ def train(config: TrainConfig, resume: str | None = None, accelerator=None, max_
             ema.load_state_dict(state["ema"])
         if state["data"] is not None:
             dataset.load_state_dict(state["data"])
-        restore_rng(state)
         step = state["step"]
         accelerator.print(f"resumed from {path} at step {step}")
 
@@ -204,6 +203,10 @@ def train(config: TrainConfig, resume: str | None = None, accelerator=None, max_
         accelerator.init_trackers("unibrain", config={"stage": config.stage, "lr": config.train.learning_rate})
     loader = packed_dataloader(dataset, num_workers=config.data.num_workers)
     batches = iter(loader)
+    # Starting the loader's iteration draws from the global RNG (DataLoader's shared seed), so the
+    # saved RNG state is restored only after the first batch has been fetched: step N+1 then sees
+    # exactly the random numbers of the uninterrupted run.
+    pending_rng = state if resume else None
     total_steps = max_steps or config.train.max_steps
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_local_main_process),
                desc=f"{config.stage}")
@@ -217,6 +220,9 @@ def train(config: TrainConfig, resume: str | None = None, accelerator=None, max_
                 accelerator.print("the data ran out; stopping after a final checkpoint")
                 stopped_early = True
                 break
+            if pending_rng is not None:
+                restore_rng(pending_rng)
+                pending_rng = None
             started = time.perf_counter()
             model.train()
             with torch.no_grad():

@@ -194,3 +194,27 @@ def test_two_cpu_processes(workspace):
     assert process.returncode == 0, output[-4000:]
     assert (out / "pipeline" / "model_index.json").exists()
     assert (out / "checkpoints" / "step-0000002" / "trainer_state.json").exists()
+
+
+def test_pipeline_loads_lora(workspace):
+    from unibrain_hf import UniBrainPipeline
+    from unibrain_hf.train.trainer import train
+
+    out = workspace[0] / "lora_pipe"
+    train(make_config(workspace, "unified", **{"lora.enabled": True, "lora.preset": "both", "lora.dropout": 0.0,
+                                               "train.max_steps": 2, "train.output_dir": out}), progress=False)
+    def run(pipe):  # the text context the pipeline builds (the fresh velocity head is still zero)
+        ids = torch.tensor([pipe.tokenize("Translate the T1 image into T2.")])
+        cache = pipe.model.prefill_text_cached(pipe.model.new_cache(), ids, 0)
+        return torch.cat([k for k in cache.keys])
+
+    pipe = UniBrainPipeline.from_pretrained(workspace[2])
+    base = run(pipe)
+    pipe.load_lora(out / "lora_adapter")
+    adapted = run(pipe)
+    pipe.unload_lora()
+    assert torch.allclose(run(pipe), base)
+    merged_pipe = UniBrainPipeline.from_pretrained(workspace[2])
+    merged_pipe.load_lora(out / "lora_adapter", merge=True)
+    assert torch.allclose(run(merged_pipe), adapted, atol=1e-5)
+    assert not torch.allclose(adapted, base, atol=1e-6)

@@ -222,6 +222,24 @@ class UniBrainPipeline(DiffusionPipeline):
         return latents.float()
 
     # ------------------------------------------------------------------ building blocks
+    def load_lora(self, adapter_dir, merge: bool = False, adapter_name: str = "default") -> None:
+        """Attach a peft LoRA adapter (from ``accelerate launch -m unibrain_hf.train`` with ``lora:``).
+
+        With ``merge=True`` the adapter is folded into the weights (no inference overhead, not
+        removable); otherwise :meth:`unload_lora` restores the base model.
+        """
+        from ..train.lora import load_lora
+
+        if hasattr(self.model, "peft_config"):
+            raise ValueError("a LoRA adapter is already attached; call unload_lora() first")
+        self.register_modules(model=load_lora(self.model, adapter_dir, merge=merge, adapter_name=adapter_name))
+
+    def unload_lora(self) -> None:
+        """Remove an attached (unmerged) LoRA adapter."""
+        if not hasattr(self.model, "peft_config"):
+            raise ValueError("no LoRA adapter is attached")
+        self.register_modules(model=self.model.unload())
+
     def tokenize(self, text: str) -> list[int]:
         return self.processor.tokenize(text)
 

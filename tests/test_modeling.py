@@ -212,3 +212,17 @@ def test_greedy_decoding_matches_packed_logits():
                 sample_lens=[5], split_lens=[5], attn_modes=["causal"], ce_loss_indexes=torch.arange(5),
                 labels=torch.tensor(ids[1:] + [config.eos_token_id]))
     assert torch.allclose(torch.stack(logits), out.logits, atol=1e-5)
+
+
+def test_vae_deduplicated_encoding_matches():
+    from unibrain_hf.modeling.vae import encode_latents, tiny_vae
+
+    vae = tiny_vae()
+    images = torch.rand(2, 3, 32, 48) * 2 - 1
+    batch = torch.stack([images[0], images[1], images[0]])  # a noisy target and its clean copy
+    eps = torch.randn(3, 16, 4, 6)
+    with torch.no_grad():
+        fast = encode_latents(vae, batch, eps)
+        slow = encode_latents(vae, batch, eps, deduplicate=False)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert not torch.allclose(fast[0], fast[2])  # each copy keeps its own posterior sample

@@ -62,26 +62,55 @@ def vae_downsample_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def _deduplicate(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct images of a batch and, per original row, the index of its distinct image."""
+    keys: dict[tuple, list[int]] = {}
+    unique_rows, inverse = [], []
+    sums = images.flatten(1).sum(dim=1).tolist()
+    for row in range(images.shape[0]):
+        match = None
+        for candidate in keys.get((sums[row],), []):
+            if torch.equal(images[row], images[unique_rows[candidate]]):
+                match = candidate
+                break
+        if match is None:
+            match = len(unique_rows)
+            unique_rows.append(row)
+            keys.setdefault((sums[row],), []).append(match)
+        inverse.append(match)
+    return images[unique_rows], torch.tensor(inverse, device=images.device)
+
+
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor, posterior_eps: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+                   generator: torch.Generator | None = None, sample: bool = True,
+                   deduplicate: bool = True) -> torch.Tensor:
     """Images in [-1, 1], (N, 3, H, W) → normalised latents ``scale·(mean + std·ε − shift)``.
 
-    ``posterior_eps`` (same shape as the latent mean) makes the posterior sample reproducible;
+    ``posterior_eps`` (same shape as the latent means) makes the posterior sample reproducible;
     otherwise ε is drawn with ``generator``. ``sample=False`` returns the posterior mean.
+    A training pack holds each generated target twice (noisy target + clean copy); with
+    ``deduplicate`` identical images go through the encoder once (the encoder is deterministic and
+    per-image, so the result is the same) and each copy still gets its own ε.
     """
-    dist = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    images = images.to(device=vae.device, dtype=vae.dtype)
+    if deduplicate and images.shape[0] > 1:
+        unique, inverse = _deduplicate(images)
+        dist = vae.encode(unique).latent_dist
+        mean, std = dist.mean[inverse], dist.std[inverse]
+    else:
+        dist = vae.encode(images).latent_dist
+        mean, std = dist.mean, dist.std
     if sample:
         if posterior_eps is None:
-            posterior_eps = torch.randn(dist.mean.shape, generator=generator, device=dist.mean.device,
-                                        dtype=dist.mean.dtype)
-        elif tuple(posterior_eps.shape) != tuple(dist.mean.shape):
+            posterior_eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        elif tuple(posterior_eps.shape) != tuple(mean.shape):
             raise ValueError(f"posterior_eps has shape {tuple(posterior_eps.shape)}, the latent mean "
-                             f"{tuple(dist.mean.shape)}")
+                             f"{tuple(mean.shape)}")
         # diffusers clamps log-variance to [-30, 20] before exp; FLUX does not. The clamp only
         # matters for degenerate encoders, never for trained weights.
-        latent = dist.mean + dist.std * posterior_eps.to(dist.mean)
+        latent = mean + std * posterior_eps.to(mean)
     else:
-        latent = dist.mean
+        latent = mean
     shift = vae.config.shift_factor or 0.0
     return vae.config.scaling_factor * (latent - shift)
 

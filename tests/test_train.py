@@ -59,9 +59,11 @@ def test_stage_parameter_sets(workspace):
 
 @pytest.mark.parametrize("stage", ["align", "unified", "dhs"])
 def test_each_stage_trains(workspace, stage):
+    from PIL import Image
+
     from unibrain_hf.train.trainer import train
 
-    config = make_config(workspace, stage)
+    config = make_config(workspace, stage, **{"train.sample_every": 2})
     result = train(config, progress=False)
     assert result.steps == 4 and len(result.losses) == 4
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.losses)
@@ -70,6 +72,9 @@ def test_each_stage_trains(workspace, stage):
         assert all(r["mse"] is not None for r in result.losses)
     assert (result.export_dir / "model_index.json").exists()
     assert (result.output_dir / "checkpoints" / "latest").read_text() == "step-0000004"
+    panels = sorted((result.output_dir / "samples").glob("step-*.png"))
+    assert [p.name for p in panels] == ["step-0000002.png", "step-0000004.png"]
+    assert Image.open(panels[0]).size[0] > 4 * 48
 
 
 def test_resume_reproduces_the_uninterrupted_run(workspace):

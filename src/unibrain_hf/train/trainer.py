@@ -126,8 +126,9 @@ def build_dataset(config: TrainConfig, processor, rank: int, world_size: int):
     records = list(iter_subject_records(data.path, split=data.split))
     if not records:
         raise ValueError(f"no usable subjects in {data.path} (split {data.split!r})")
-    return PackedDataset(records, task=task, processor=processor, dropout=dropout, budget=budget,
-                         seed=config.train.data_seed, num_epochs=data.num_epochs, rank=rank, world_size=world_size)
+    dataset = PackedDataset(records, task=task, processor=processor, dropout=dropout, budget=budget,
+                            seed=config.train.data_seed, num_epochs=data.num_epochs, rank=rank, world_size=world_size)
+    return dataset, records
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -166,7 +167,12 @@ def train(config: TrainConfig, resume: str | None = None, accelerator=None, max_
                                             vae_min_size=config.data.vae_min_size,
                                             vit_max_size=config.data.vit_max_size,
                                             vit_min_size=config.data.vit_min_size)
-    dataset = build_dataset(config, processor, accelerator.process_index, accelerator.num_processes)
+    dataset, records = build_dataset(config, processor, accelerator.process_index, accelerator.num_processes)
+    samples = None
+    if config.train.sample_every and accelerator.is_main_process:
+        from .samples import SamplePanelWriter
+
+        samples = SamplePanelWriter(records, output_dir, config.data.image_size)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("nothing to train: the stage and LoRA settings froze every parameter")
@@ -253,6 +259,9 @@ def train(config: TrainConfig, resume: str | None = None, accelerator=None, max_
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if step % config.train.log_every == 0 or step == 1:
                 accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+            if samples is not None and step % config.train.sample_every == 0:
+                base = accelerator.unwrap_model(model)
+                samples.write(step, base.get_base_model() if config.lora.enabled else base, vae, tokenizer, processor)
             if step % config.train.save_every == 0 or stop.requested:
                 _save(accelerator, output_dir, step, model, ema, optimizer, scheduler, dataset, fingerprint)
             if stop.requested:

@@ -218,6 +218,8 @@ def train(config: TrainConfig, resume: str | None = None, accelerator=None, max_
                desc=f"{config.stage}")
     losses: list[dict] = []
     stopped_early = False
+    peak_flops = _peak_flops(accelerator.device)
+    active_parameters = _active_parameters(accelerator.unwrap_model(model))
     with StopRequested() as stop:
         while step < total_steps:
             try:
@@ -251,9 +253,13 @@ def train(config: TrainConfig, resume: str | None = None, accelerator=None, max_
             ema.update(trainable)
             step += 1
             elapsed = time.perf_counter() - started
+            tokens_per_second = batch.sequence_length * accelerator.num_processes / max(elapsed, 1e-9)
             record = {"step": step, "loss": float(loss.detach()), **parts,
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_second": batch.sequence_length * accelerator.num_processes / max(elapsed, 1e-9)}
+                      "tokens_per_second": tokens_per_second}
+            if peak_flops:
+                # Each token passes through one expert: ~half of the decoder weights, 6 FLOPs per weight.
+                record["mfu"] = 6 * active_parameters * tokens_per_second / (peak_flops * accelerator.num_processes)
             losses.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -278,6 +284,25 @@ def train(config: TrainConfig, resume: str | None = None, accelerator=None, max_
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir, step, losses, export_dir, stopped_early)
+
+
+def _peak_flops(device) -> float | None:
+    """Peak bf16 dense FLOP/s of the accelerator, for MFU; ``UNIBRAIN_PEAK_TFLOPS`` overrides the table."""
+    if os.environ.get("UNIBRAIN_PEAK_TFLOPS"):
+        return float(os.environ["UNIBRAIN_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40", 181.0), ("A10", 125.0)):
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def _active_parameters(model) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    generation_expert = sum(p.numel() for n, p in model.named_parameters() if ".gen." in n)
+    return total - generation_expert
 
 
 def _is_fixed_buffer(name: str) -> bool:

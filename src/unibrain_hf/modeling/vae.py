@@ -102,7 +102,10 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, posterior_eps: torc
         mean, std = dist.mean, dist.std
     if sample:
         if posterior_eps is None:
-            posterior_eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            from diffusers.utils.torch_utils import randn_tensor
+
+            # randn_tensor draws on the generator's device, so a CPU generator also seeds a GPU run.
+            posterior_eps = randn_tensor(tuple(mean.shape), generator=generator, device=mean.device, dtype=mean.dtype)
         elif tuple(posterior_eps.shape) != tuple(mean.shape):
             raise ValueError(f"posterior_eps has shape {tuple(posterior_eps.shape)}, the latent mean "
                              f"{tuple(mean.shape)}")

@@ -175,7 +175,9 @@ class InterleavedContext:
                 step_logits.append(logits)
             if do_sample:
                 probs = torch.softmax(logits / temperature, dim=-1)
-                chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                if generator is not None and generator.device != probs.device:
+                    probs = probs.to(generator.device)  # sample where the generator lives
+                chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
             else:
                 chosen = logits.argmax(dim=-1)
             chosen = torch.where(finished, torch.full_like(chosen, self.eos_token_id), chosen)

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
@@ -298,8 +299,9 @@ class UniBrainPipeline(DiffusionPipeline):
         rows, cols = height // self.latent_stride, width // self.latent_stride
         position_ids = _grid_position_ids(rows, cols, config.max_latent_size, "latent")
         if latents is None:
-            latents = torch.randn((batch_size, rows * cols, config.patch_latent_dim), generator=generator,
-                                  dtype=torch.float32)
+            # diffusers' randn_tensor draws on the generator's device (a CPU generator also seeds GPU runs).
+            latents = randn_tensor((batch_size, rows * cols, config.patch_latent_dim), generator=generator,
+                                   device=self.model.device, dtype=torch.float32)
         x = latents.float().clone()
         grid = flow_timesteps(num_inference_steps, timestep_shift)
         # The scheduler runs the Euler update on UniBrain's grid (its own shift stays 1).

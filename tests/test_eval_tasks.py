@@ -1,0 +1,263 @@
+"""The evaluation tasks and ``unibrain eval`` on a tiny phantom cohort with a tiny random pipeline.
+
+The pipeline's weights are random, so the numbers themselves mean nothing here; the tests check
+what gets written, which keys exist, that baselines are there, determinism, the ensemble
+arithmetic, the 3-D NIfTI geometry and the error messages for unusable input.
+
+    HF_HUB_OFFLINE=1 python -m pytest tests/test_eval_tasks.py -q
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from unibrain_hf.data.prepare import sitk_geometry
+from unibrain_hf.data.radgenome import iter_subject_records
+from unibrain_hf.data.schema import SPLIT_FILE_NAME
+from unibrain_hf.evaluation import cli as eval_cli
+from unibrain_hf.evaluation.tasks import (EvaluationInputError, evaluate_diagnosis, evaluate_generation,
+                                          evaluate_unified, record_affine, reference_ensemble, subject_seed)
+from unibrain_hf.pipelines.pipeline_output import UniBrainPipelineOutput
+
+STEPS = 2
+TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def cohort_dir(tmp_path_factory) -> Path:
+    from unibrain_hf.data.phantom.generator import generate_cohort
+
+    # 12 subjects give a test split of two tumour subjects with t1n, t1c, t2w and t2f.
+    return generate_cohort(tmp_path_factory.mktemp("eval") / "cohort", 12, seed=0, voxel_size=6.0)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(cohort_dir, tmp_path_factory) -> Path:
+    from unibrain_hf.train.bootstrap import bootstrap_pipeline
+
+    out = tmp_path_factory.mktemp("eval") / "pipeline"
+    bootstrap_pipeline(cohort_dir, out, image_size=48, hidden_size=32, layers=2, vae_steps=0, vocab_size=400,
+                       log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(pipeline_dir):
+    from unibrain_hf import UniBrainPipeline
+
+    pipeline = UniBrainPipeline.from_pretrained(str(pipeline_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def generation_run(pipe, cohort_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "generation"
+    result = evaluate_generation(pipe, cohort_dir, ["t1n"], ["t2f", "t2w"], num_inference_steps=STEPS, out_dir=out,
+                                 progress=False)
+    return result, out
+
+
+def _finite(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _image_block_ok(block: dict, targets) -> None:
+    assert _finite(block["psnr"]) and _finite(block["ssim"])
+    assert set(block["per_target"]) == set(targets)
+    for target in targets:
+        assert _finite(block["per_target"][target]["psnr"]) and -1 <= block["per_target"][target]["ssim"] <= 1
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_generation_2d_writes_metrics_panels_and_images(generation_run):
+    result, out = generation_run
+    assert len(result.per_subject) == 2 and not result.skipped
+    _image_block_ok(result.metrics, ["t2f", "t2w"])
+    _image_block_ok(result.baselines["copy_input"], ["t2f", "t2w"])
+    assert result.baselines["copy_input"]["modality"] == "t1n"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved) >= {"task", "settings", "metrics", "baselines", "per_subject", "skipped", "notes"}
+    summary = (out / "summary.md").read_text()
+    assert "UniBrain (imputed)" in summary and "copy input (t1n)" in summary
+    for record in result.per_subject:
+        for target in ("t2f", "t2w"):
+            assert (out / "panels" / f"{record['subject_id']}_{target}.png").is_file()
+            image = np.asarray(Image.open(out / "images" / f"{record['subject_id']}-{target}.png"))
+            assert image.dtype == np.uint8 and image.shape == (36, 30)  # the input slice's own size
+    assert not list(out.rglob(".*"))  # no temporary files left behind
+
+
+def test_generation_is_deterministic_for_a_seed(pipe, cohort_dir, generation_run):
+    first, _ = generation_run
+    again = evaluate_generation(pipe, cohort_dir, ["t1n"], ["t2f", "t2w"], num_inference_steps=STEPS, progress=False)
+    assert again.per_subject == first.per_subject
+    other = evaluate_generation(pipe, cohort_dir, ["t1n"], ["t2f", "t2w"], num_inference_steps=STEPS, seed=1,
+                                max_subjects=1, progress=False)
+    assert other.per_subject[0]["imputed"] != first.per_subject[0]["imputed"]
+    # Seeds depend on the subject, not on how many subjects run before it.
+    assert subject_seed(0, "A") == subject_seed(0, "A") != subject_seed(0, "B") != subject_seed(1, "B")
+
+
+def test_reference_ensemble_averages_rgb_then_channels():
+    samples = [np.full((2, 2, 3), (10, 11, 12), np.uint8), np.full((2, 2, 3), (11, 12, 14), np.uint8)]
+    # RGB mean (10.5, 11.5, 13) truncates to (10, 11, 13); its channel mean 11.33 truncates to 11.
+    assert reference_ensemble(samples).tolist() == [[11, 11], [11, 11]]
+    assert reference_ensemble([np.uint8([[3, 4]]), np.uint8([[4, 4]])], rgb=False).tolist() == [[3, 4]]
+
+
+class _ScriptedPipe:
+    """Stands in for the pipeline: returns constant RGB images of the scripted values, records seeds."""
+
+    def __init__(self, values):
+        self.values = list(values)
+        self.seeds = []
+
+    def __call__(self, images, target_modalities, generator, **kwargs):
+        self.seeds.append(generator.initial_seed())
+        value = self.values[(len(self.seeds) - 1) % len(self.values)]
+        shape = next(iter(images.values())).shape
+        return UniBrainPipelineOutput(images={t: Image.fromarray(np.full(shape, value, np.uint8))
+                                              for t in target_modalities})
+
+
+def test_sample_time_averages_the_generations(cohort_dir):
+    scripted = _ScriptedPipe([100, 201])
+    result = evaluate_generation(scripted, cohort_dir, ["t1n"], ["t2f"], sample_time=2, max_subjects=1,
+                                 progress=False)
+    assert len(scripted.seeds) == 2 and scripted.seeds[0] != scripted.seeds[1]
+    single = evaluate_generation(_ScriptedPipe([150]), cohort_dir, ["t1n"], ["t2f"], max_subjects=1,
+                                 progress=False)
+    # floor((100 + 201) / 2) = 150: the 2-sample ensemble scores exactly like a constant 150 image.
+    assert result.per_subject[0]["imputed"] == single.per_subject[0]["imputed"]
+
+
+def test_generation_3d_writes_nifti_with_the_input_geometry(pipe, cohort_dir, tmp_path):
+    result = evaluate_generation(pipe, cohort_dir, ["t1n", "t2w"], ["t2f"], mode="3d", slice_stride=2,
+                                 num_inference_steps=STEPS, out_dir=tmp_path, max_subjects=1, progress=False)
+    _image_block_ok(result.metrics, ["t2f"])
+    _image_block_ok(result.baselines["copy_input"], ["t2f"])
+    record = next(iter_subject_records(cohort_dir, split="test"))
+    assert result.per_subject[0]["subject_id"] == record.subject_id
+    depth, height, width = record.shape_zyx
+    for kind in ("gen", "gt"):
+        image = nib.load(str(tmp_path / "nifti" / f"{record.subject_id}_t2f_{kind}.nii.gz"))
+        assert image.shape == (width, height, len(range(0, depth, 2)))
+        assert image.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(image.affine, record_affine(record.spacing, record.direction, 2))
+        np.testing.assert_allclose(image.header.get_zooms(), (6.0, 6.0, 12.0))
+        # Read back in the parquet header's own terms: the record's spacing (z times the stride) and direction.
+        spacing, direction = sitk_geometry(image.affine)
+        assert spacing == (record.spacing[0], record.spacing[1], 2 * record.spacing[2])
+        assert direction == tuple(record.direction)
+    truth = np.asarray(nib.load(str(tmp_path / "nifti" / f"{record.subject_id}_t2f_gt.nii.gz")).dataobj)
+    assert truth.transpose(2, 1, 0).max() == 255  # the rescaled target, stored (x, y, z)
+    assert (tmp_path / "panels" / f"{record.subject_id}_t2f.png").is_file()
+
+
+# --------------------------------------------------------------------------- diagnosis and unified
+
+
+def test_diagnosis_accuracy_baseline_and_predictions(pipe, cohort_dir, tmp_path):
+    result = evaluate_diagnosis(pipe, cohort_dir, ["t1n", "t2f"], max_new_tokens=TOKENS, out_dir=tmp_path,
+                                progress=False)
+    assert set(result.metrics) >= {"accuracy", "correct", "num_subjects", "parsed_label_accuracy"}
+    assert 0 <= result.metrics["accuracy"] <= 1 and result.metrics["num_subjects"] == 2
+    baseline = result.baselines["majority_class"]
+    assert baseline["class"] and baseline["train_subjects"] > 0 and 0 <= baseline["accuracy"] <= 1
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line) for line in lines]
+    assert [p["subject_id"] for p in predictions] == [r["subject_id"] for r in result.per_subject]
+    assert {p["ground_truth"] for p in predictions} == {"Gli", "Mening"}
+    assert all(isinstance(p["diagnosis"], str) and "correct" in p for p in predictions)
+    assert "majority class of train" in (tmp_path / "summary.md").read_text()
+    again = evaluate_diagnosis(pipe, cohort_dir, ["t1n", "t2f"], max_new_tokens=TOKENS, progress=False)
+    assert again.per_subject == result.per_subject
+
+
+def test_diagnosis_replaced_by_a_generation_run(pipe, cohort_dir, generation_run, tmp_path):
+    _, generation_out = generation_run
+    result = evaluate_diagnosis(pipe, cohort_dir, ["t1n", "t2f"], replaced_by=generation_out,
+                                max_new_tokens=TOKENS, progress=False)
+    assert all(record["replaced"] == ["t2f"] for record in result.per_subject)
+    assert result.settings["replaced_by"].endswith("images")
+    with pytest.raises(EvaluationInputError, match="no <subject>-<modality>.png"):
+        evaluate_diagnosis(pipe, cohort_dir, ["t1n"], replaced_by=tmp_path, progress=False)
+
+
+def test_unified_scores_text_images_and_baselines(pipe, cohort_dir, tmp_path):
+    result = evaluate_unified(pipe, cohort_dir, ["t1n"], ["t2f", "t2w"], num_inference_steps=STEPS,
+                              max_new_tokens=TOKENS, out_dir=tmp_path, progress=False)
+    for key in ("accuracy", "rouge1", "rouge2", "rougeL"):
+        assert _finite(result.metrics[key]) and 0 <= result.metrics[key] <= 1
+    _image_block_ok(result.metrics["images"], ["t2f", "t2w"])
+    assert set(result.baselines) == {"majority_class", "constant_impression", "copy_input"}
+    constant = result.baselines["constant_impression"]
+    assert constant["text"] and all(_finite(constant[k]) for k in ("rouge1", "rouge2", "rougeL"))
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2
+    assert set(predictions[0]) >= {"impression", "reference_impression", "diagnosis", "thinking", "rouge"}
+    assert set(predictions[0]["thinking"]) == {"t2f", "t2w"}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "constant training impression" in summary and "copy input (t1n)" in summary
+    assert len(list((tmp_path / "panels").glob("*.png"))) == 4
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_cohort_without_the_modality_lists_what_is_available(pipe, cohort_dir):
+    with pytest.raises(EvaluationInputError, match=r"no subject of split 'test' has all of \['dwi', 't2f'\].*"
+                                                   r"t1n, t1c, t2w, t2f"):
+        evaluate_generation(pipe, cohort_dir, ["dwi"], ["t2f"], progress=False)
+
+
+def test_unknown_modality_and_split_are_named(pipe, cohort_dir):
+    with pytest.raises(EvaluationInputError, match="unknown modality 't9x'; known codes are t1n"):
+        evaluate_generation(pipe, cohort_dir, ["t9x"], ["t2f"], progress=False)
+    with pytest.raises(EvaluationInputError, match=r"unknown split 'holdout'.*train \(8 subjects\)"):
+        evaluate_diagnosis(pipe, cohort_dir, ["t1n"], split="holdout", progress=False)
+
+
+def test_empty_split_is_an_error(pipe, cohort_dir, tmp_path):
+    for parquet in cohort_dir.glob("*.parquet"):
+        shutil.copy(parquet, tmp_path / parquet.name)
+    split = json.loads((cohort_dir / SPLIT_FILE_NAME).read_text())
+    (tmp_path / SPLIT_FILE_NAME).write_text(json.dumps({**split, "test": []}))
+    with pytest.raises(EvaluationInputError, match="split 'test' .* has no subjects.*train: 8"):
+        evaluate_unified(pipe, tmp_path, ["t1n"], ["t2f"], progress=False)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_end_to_end_and_bad_input(pipeline_dir, cohort_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--pipeline", str(pipeline_dir), "--cohort", str(cohort_dir), "--steps", str(STEPS), "--quiet"]
+    code = eval_cli.main([*base, "--task", "generation", "--modalities-in", "t1n", "--modalities-out", "t2f",
+                          "--mode", "3d", "--slice-stride", "3", "--sample-time", "2", "--out", str(out)])
+    assert code == 0
+    assert capsys.readouterr().out.strip() == str(out / "summary.md")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["sample_time"] == 2 and metrics["settings"]["mode"] == "3d"
+    assert "psnr" in metrics["metrics"] and "copy_input" in metrics["baselines"]
+    assert len(list((out / "nifti").glob("*.nii.gz"))) == 4 and len(list((out / "panels").glob("*.png"))) == 2
+
+    assert eval_cli.main([*base, "--task", "generation", "--modalities-in", "dwi", "--modalities-out", "t2f",
+                          "--out", str(tmp_path / "bad")]) == 2
+    assert "t1n, t1c, t2w, t2f" in capsys.readouterr().err
+    assert eval_cli.main([*base, "--task", "diagnosis", "--modalities-in", "t1n", "--split", "nope",
+                          "--out", str(tmp_path / "bad")]) == 2
+    assert "train (8 subjects)" in capsys.readouterr().err
+    assert eval_cli.main([*base, "--task", "generation", "--modalities-in", "t1n", "--modalities-out", "t2f",
+                          "--out", str(out)]) == 2  # not empty, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

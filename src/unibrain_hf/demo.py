@@ -36,8 +36,8 @@ class DemoPlan:
     inference_steps: int
 
 
-FULL = DemoPlan(subjects=60, voxel_size=4.0, vae_steps=200, hidden_size=128, layers=4, align_steps=100,
-                unified_steps=400, dhs_steps=40, eval_subjects=12, inference_steps=10)
+FULL = DemoPlan(subjects=120, voxel_size=4.0, vae_steps=800, hidden_size=128, layers=4, align_steps=500,
+                unified_steps=2500, dhs_steps=250, eval_subjects=12, inference_steps=10)
 QUICK = DemoPlan(subjects=12, voxel_size=6.0, vae_steps=10, hidden_size=32, layers=2, align_steps=3,
                  unified_steps=4, dhs_steps=2, eval_subjects=2, inference_steps=2)
 

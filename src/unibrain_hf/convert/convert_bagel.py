@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -356,23 +354,16 @@ def convert_bagel_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathL
         raise ConversionError(f"tokenizer gives special ids {special_ids} but model_config.json records {recorded}")
     vae_meta = model_meta.get("vae", {})
 
-    dst_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}.tmp-", dir=dst_dir.parent))
-    try:
+    from ..pipelines.components import write_pipeline_index
+    from ..utils.atomic import atomic_directory
+
+    with atomic_directory(dst_dir) as tmp:
         report = write_model_shards(weights, config, tmp / "model", dtype=dtype, max_shard_bytes=max_shard_size)
         convert_flux_vae(src_dir / "ae.safetensors", tmp / "vae",
                          vae_meta.get("scale_factor", 0.3611), vae_meta.get("shift_factor", 0.1159))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         processor_from_bagel(model_meta, config, tokenizer).save_pretrained(tmp / "processor", save_tokenizer=False)
-        from ..pipelines.components import write_pipeline_index
-
         write_pipeline_index(tmp, config)
-        if dst_dir.exists():
-            shutil.rmtree(dst_dir)
-        os.replace(tmp, dst_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report.destination = dst_dir
     report.special_token_ids = special_ids
     return report

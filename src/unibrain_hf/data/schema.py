@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,10 +177,9 @@ def write_cohort(records, out_dir: str | os.PathLike, split: dict[str, list[str]
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes the folder owner-only; a cohort is meant to be shared
-    try:
+    from ..utils.atomic import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
         rows, subjects, chunk = [], [], 0
 
         def flush():
@@ -208,10 +205,4 @@ def write_cohort(records, out_dir: str | os.PathLike, split: dict[str, list[str]
         if unknown:
             raise SchemaError(f"split file names subjects that were not written: {unknown[:5]}")
         (tmp / SPLIT_FILE_NAME).write_text(json.dumps(split, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

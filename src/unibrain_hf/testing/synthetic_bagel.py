@@ -16,7 +16,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 _EXPERT = re.compile(r"^language_model\.layers\.(\d+)\.(und|gen)\.(.+)$")

@@ -17,9 +17,7 @@ ingredients the tiny model needs from a cohort:
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -153,20 +151,14 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
     processor = UniBrainProcessor.for_model(model.config, tokenizer, vae_max_size=image_size,
                                             vae_min_size=image_size // 2, vit_max_size=image_size - image_size % 14,
                                             vit_min_size=28)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    from ..utils.atomic import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
         model.save_pretrained(str(tmp / "model"))
         vae.save_pretrained(str(tmp / "vae"))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         processor.save_pretrained(tmp / "processor", save_tokenizer=False)
         write_pipeline_index(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

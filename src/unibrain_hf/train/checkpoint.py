@@ -22,12 +22,13 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..utils.atomic import atomic_directory
 
 
 class CheckpointError(RuntimeError):
@@ -86,8 +87,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model_state: dict[str, to
     checkpoints = Path(output_dir) / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.tmp-", dir=checkpoints))
-    try:
+    with atomic_directory(final) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
         if ema_state is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, str(tmp / "ema.safetensors"))
@@ -99,12 +99,6 @@ def save_checkpoint(output_dir: str | Path, step: int, model_state: dict[str, to
         state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_meta, "data": data_state,
                  "fingerprint": fingerprint}
         (tmp / "trainer_state.json").write_text(json.dumps(state, default=_json_default))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     latest_tmp = checkpoints / ".latest.tmp"
     latest_tmp.write_text(final.name)
     os.replace(latest_tmp, checkpoints / "latest")

@@ -311,7 +311,7 @@ def _is_fixed_buffer(name: str) -> bool:
 
 def _has_tensorboard() -> bool:
     try:
-        import tensorboard  # noqa: F401
+        import tensorboard  # noqa: F401 - only checking that it is installed
     except ImportError:
         return False
     return True
@@ -351,14 +351,12 @@ def _save(accelerator, output_dir, step, model, ema, optimizer, scheduler, datas
 def export_run(model, ema, vae, tokenizer, processor, output_dir: Path, lora: bool = False) -> Path:
     """Write ``<output_dir>/pipeline`` (EMA weights) and, for LoRA runs, ``<output_dir>/lora_adapter``."""
     import copy
-    import shutil
-    import tempfile
 
     from ..pipelines.components import write_pipeline_index
+    from ..utils.atomic import atomic_directory
 
     final = output_dir / "pipeline"
-    tmp = Path(tempfile.mkdtemp(prefix=".pipeline.tmp-", dir=output_dir))
-    try:
+    with atomic_directory(final) as tmp:
         if lora:
             model.save_pretrained(str(output_dir / "lora_adapter"))  # peft format
             averaged = copy.deepcopy(model)
@@ -372,12 +370,6 @@ def export_run(model, ema, vae, tokenizer, processor, output_dir: Path, lora: bo
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         processor.save_pretrained(tmp / "processor", save_tokenizer=False)
         write_pipeline_index(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -1,0 +1,33 @@
+"""Write a directory atomically: build it under a temporary name, rename it into place at the end.
+
+Every writer of a directory in this package (cohorts, converted checkpoints, training checkpoints,
+exported pipelines) goes through :func:`atomic_directory`, so an interrupted or failed run never
+leaves a half-written result where a complete one is expected.
+
+    python -c "from unibrain_hf.utils.atomic import atomic_directory; help(atomic_directory)"
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_directory(final: str | os.PathLike):
+    """Yield a temporary sibling of ``final``; on success it replaces ``final``, on error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes the folder owner-only; results are meant to be shared
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -36,8 +36,8 @@ class DemoPlan:
     inference_steps: int
 
 
-FULL = DemoPlan(subjects=120, voxel_size=4.0, vae_steps=800, hidden_size=128, layers=4, align_steps=500,
-                unified_steps=2500, dhs_steps=250, eval_subjects=12, inference_steps=10)
+FULL = DemoPlan(subjects=120, voxel_size=4.0, vae_steps=600, hidden_size=128, layers=4, align_steps=500,
+                unified_steps=4000, dhs_steps=250, eval_subjects=18, inference_steps=10)
 QUICK = DemoPlan(subjects=12, voxel_size=6.0, vae_steps=10, hidden_size=32, layers=2, align_steps=3,
                  unified_steps=4, dhs_steps=2, eval_subjects=2, inference_steps=2)
 
@@ -53,7 +53,7 @@ def _stage_config(stage: str, out: Path, init: Path, cohort: Path, steps: int, i
     from .train.config import load_config
 
     values = [f"stage={stage}", f"model.pretrained={init}", f"data.path={cohort}", f"data.image_size={image_size}",
-              f"data.vae_max_size={image_size}", f"data.vae_min_size={image_size // 2}",
+              f"data.vae_max_size={image_size}", f"data.vae_min_size={image_size}",
               f"data.vit_max_size={image_size - image_size % 14}", "data.vit_min_size=28",
               "data.expected_num_tokens=1024", "data.max_num_tokens=1536", "data.max_num_tokens_per_sample=1536",
               "data.prefer_buffer_before=512", f"train.max_steps={steps}", f"train.save_every={max(steps, 1)}",
@@ -123,7 +123,7 @@ def run(args) -> int:
     step("stage 1 (align)")
     align_weights = runs / "align" / "checkpoints" / f"step-{align.steps:07d}" / "model.safetensors"
     unified = train(_stage_config("unified", runs, init, cohort, plan.unified_steps, image_size,
-                                  weights=align_weights, seed=args.seed), progress=True)
+                                  weights=align_weights, learning_rate=8e-4, seed=args.seed), progress=True)
     step("stage 2 (unified)")
     dhs = train(_stage_config("dhs", runs, unified.export_dir, cohort, plan.dhs_steps, image_size,
                               learning_rate=2e-4, seed=args.seed), progress=True)

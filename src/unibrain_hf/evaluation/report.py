@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -32,17 +30,10 @@ def _atomic_destination(path: str | Path, suffix: str = "") -> Iterator[Path]:
     ``suffix`` keeps the real extension on the temporary name for writers that choose
     the format from it (nibabel).
     """
-    destination = Path(path)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=suffix or ".tmp")
-    os.close(handle)
-    temporary = Path(temporary_name)
-    try:
+    from ..utils.atomic import atomic_file
+
+    with atomic_file(path, suffix) as temporary:
         yield temporary
-        os.replace(temporary, destination)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def _write_text_atomically(path: str | Path, text: str) -> Path:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..utils.atomic import atomic_file
 from ..data.intensity import middle_lesion_slice, rescale_intensity
 from ..data.radgenome import iter_subject_records, load_split, open_parquet, resolve_parquet_files
 from ..data.schema import SPLIT_FILE_NAME, modality_code
@@ -116,28 +116,14 @@ def _panel_scale(shape) -> int:
 
 
 def _write_text_atomically(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    with atomic_file(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
     return path
 
 
 def _save_png(path: Path, image: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
-    try:
+    with atomic_file(path, ".png") as temporary:
         Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L").save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return path
 
 

@@ -22,7 +22,6 @@ context → prepare latents → denoise (CFG) → decode``.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -640,11 +639,7 @@ def _atomic_nifti_save(image, path: Path) -> None:
     """Write next to the destination, then rename, so no half-written file is ever visible."""
     import nibabel as nib
 
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=str(path.parent))
-    os.close(handle)
-    try:
-        nib.save(image, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    from ..utils.atomic import atomic_file
+
+    with atomic_file(path, ".nii.gz") as temporary:
+        nib.save(image, str(temporary))

@@ -128,6 +128,10 @@ def build_model(tokenizer, hidden_size: int = 128, layers: int = 4, heads: int =
     torch.manual_seed(seed)
     model = UniBrainForConditionalGeneration(config)
     model.init_generation_expert_from_understanding()
+    # A fresh BAGEL build zero-initialises the velocity head; its checkpoints have a trained one.
+    # Stage 1 freezes llm2vae, so a zero head would make self-alignment unable to learn at all.
+    with torch.no_grad():
+        model.llm2vae.weight.normal_(0.0, config.text_config.initializer_range)
     return model
 
 
@@ -148,8 +152,10 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
     images = slice_images(records, image_size, per_record=6, rng=np.random.default_rng(seed))
     vae = fit_vae(images, steps=vae_steps, seed=seed, log=log)
     model = build_model(tokenizer, hidden_size=hidden_size, layers=layers, max_image_size=image_size * 2, seed=seed)
+    # The minimum VAE size equals the training slice size, so that inference pads a smaller slice to
+    # the same square canvas the model was trained on (as UniBrain pads 240² slices to 256²).
     processor = UniBrainProcessor.for_model(model.config, tokenizer, vae_max_size=image_size,
-                                            vae_min_size=image_size // 2, vit_max_size=image_size - image_size % 14,
+                                            vae_min_size=image_size, vit_max_size=image_size - image_size % 14,
                                             vit_min_size=28)
     from ..utils.atomic import atomic_directory
 

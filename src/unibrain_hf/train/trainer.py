@@ -310,11 +310,9 @@ def _is_fixed_buffer(name: str) -> bool:
 
 
 def _has_tensorboard() -> bool:
-    try:
-        import tensorboard  # noqa: F401 - only checking that it is installed
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def _global_token_mean_loss(output, accelerator, config: TrainConfig):

@@ -31,3 +31,23 @@ def atomic_directory(final: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def atomic_file(final: str | os.PathLike, suffix: str | None = None):
+    """Yield a temporary path next to ``final``; on success it replaces ``final``, on error it is removed.
+
+    ``suffix`` keeps the real extension on the temporary name, for writers that pick the format
+    from it (PIL, nibabel).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=suffix or ".tmp")
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o644)  # mkstemp creates owner-only files
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -16,27 +16,8 @@ import argparse
 import sys
 import time
 
+from ..utils.cli_types import non_negative_int, positive_int
 from .phantom.tissue import FIELD_STRENGTHS, check_field_strength
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
 def _voxel_size(text: str) -> float:
@@ -57,9 +38,9 @@ def _field_strength(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="directory to write the cohort into (must be empty unless --overwrite)")
-    parser.add_argument("--subjects", type=_positive_int, default=12, metavar="N",
+    parser.add_argument("--subjects", type=positive_int, default=12, metavar="N",
                         help="number of subjects; classes cycle so N >= 6 covers all six (default 12)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
                         help="random seed; the same seed gives byte-identical volumes and text (default 0)")
     parser.add_argument("--size", type=_voxel_size, default=1.5, metavar="MM",
                         help="isotropic voxel size in mm (1-8); 3-4 mm gives ~45-70 px slices for quick runs "
@@ -67,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--field", type=_field_strength, default=3.0, metavar="T",
                         help=f"field strength in tesla, one of {', '.join(f'{f:g}' for f in FIELD_STRENGTHS)}; "
                              "selects the T1/T2 relaxation values (default 3)")
-    parser.add_argument("--subjects-per-file", type=_positive_int, default=5, metavar="K",
+    parser.add_argument("--subjects-per-file", type=positive_int, default=5, metavar="K",
                         help="subjects per parquet chunk (default 5, as RadGenome)")
     parser.add_argument("--preview", action="store_true",
                         help="also write preview.png, a contact sheet of the first subjects")

@@ -19,33 +19,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..utils.cli_types import non_negative_int, positive_int
+
 TASKS = ("generation", "diagnosis", "unified")
 #: Exit status for input the evaluation cannot use (argparse uses the same code for bad flags).
 EXIT_BAD_INPUT = 2
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
 def _steps(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError("--steps must be at least 2 (N grid points give N - 1 sampler steps)")
     return value
@@ -68,17 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("2d", "3d"), default="2d",
                         help="generation only: 2d = the middle lesion slice; 3d = every --slice-stride-th axial "
                              "slice, scored as one volume and written as NIfTI (default 2d)")
-    parser.add_argument("--slice-stride", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--slice-stride", type=positive_int, default=1, metavar="N",
                         help="3-D mode: keep every N-th axial slice (default 1)")
-    parser.add_argument("--sample-time", type=_positive_int, default=1, metavar="K",
+    parser.add_argument("--sample-time", type=positive_int, default=1, metavar="K",
                         help="generation only: average K generations per slice pixel-wise, an ensemble (default 1)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0,
+    parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="base seed; each subject and sample gets a seed derived from it (default 0)")
     parser.add_argument("--steps", type=_steps, default=10, metavar="N",
                         help="flow-sampler grid points per image, as the reference's 10 (default 10)")
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None, metavar="N",
                         help="text budget per answer (default: the reference's 512 / 800 tokens)")
-    parser.add_argument("--max-subjects", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--max-subjects", type=positive_int, default=None, metavar="N",
                         help="evaluate only the first N eligible subjects")
     parser.add_argument("--replaced-by", default=None, metavar="DIR",
                         help="diagnosis only: take input images from DIR/<subject>-<modality>.png, or from the "
@@ -86,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rules", default=None, metavar="JSON",
                         help='diagnosis class rules: {"rules": {"-GLI-": "Gli", ...}, "fallback": "Degeneration"} '
                              "(default: the reference's rules)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                         help="3-D mode: slices denoised together (default 8)")
     parser.add_argument("--device", default=None, help="torch device for the pipeline, e.g. cuda (default: cpu)")
     parser.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")

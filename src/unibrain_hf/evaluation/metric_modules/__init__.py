@@ -26,3 +26,27 @@ def load_metric(name: str, **load_kwargs):
     import evaluate  # optional ``eval`` extra; slow to import, so only when needed
 
     return evaluate.load(str(metric_module_path(name)), **load_kwargs)
+
+
+def image_pair_features() -> list:
+    """``datasets`` feature schemas of the image metrics: one for 2-D slices, one for 3-D volumes."""
+    import datasets
+
+    def nested(dimensions):
+        value = datasets.Value("float64")
+        for _ in range(dimensions):
+            value = datasets.List(value)
+        return datasets.Features({"predictions": value, "references": value})
+
+    return [nested(2), nested(3)]
+
+
+def score_image_pairs(metric, predictions, references, max_value: float) -> tuple[float, list[float]]:
+    """``metric(reference, prediction, max_value=…)`` over every pair: (mean, per-pair values)."""
+    import numpy as np
+
+    per_item = [metric(np.asarray(reference), np.asarray(prediction), max_value=max_value)
+                for prediction, reference in zip(predictions, references)]
+    if not per_item:
+        raise ValueError("no image pairs to score")
+    return float(np.mean(per_item)), per_item

@@ -6,9 +6,9 @@ scikit-image ``peak_signal_noise_ratio`` with ``data_range=1``):
     python -c "import evaluate; m = evaluate.load('src/unibrain_hf/evaluation/metric_modules/unibrain_psnr'); print(m.compute(predictions=[[[0, 0]]], references=[[[0, 255]]]))"
 """
 
-import datasets
 import evaluate
-import numpy as np
+from unibrain_hf.evaluation.metric_modules import image_pair_features
+from unibrain_hf.evaluation.metric_modules import score_image_pairs
 from unibrain_hf.evaluation.metrics import psnr
 
 _DESCRIPTION = """Peak signal-to-noise ratio between a generated and a ground-truth MRI slice (y, x) or
@@ -31,13 +31,6 @@ _CITATION = """@article{wang2004image,
   journal={IEEE Transactions on Image Processing}, volume={13}, number={4}, pages={600--612}, year={2004}}"""
 
 
-def _image_features(dimensions):
-    value = datasets.Value("float64")
-    for _ in range(dimensions):
-        value = datasets.List(value)
-    return datasets.Features({"predictions": value, "references": value})
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class UnibrainPsnr(evaluate.Metric):
     def _info(self):
@@ -46,14 +39,9 @@ class UnibrainPsnr(evaluate.Metric):
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             # One schema per accepted rank: 2-D slices and 3-D volumes.
-            features=[_image_features(2), _image_features(3)],
+            features=image_pair_features(),
         )
 
     def _compute(self, predictions, references, max_value=255.0):
-        per_item = [
-            psnr(np.asarray(reference), np.asarray(prediction), max_value=max_value)
-            for prediction, reference in zip(predictions, references)
-        ]
-        if not per_item:
-            raise ValueError("no image pairs to score")
-        return {"psnr": float(np.mean(per_item)), "per_item": per_item}
+        mean, per_item = score_image_pairs(psnr, predictions, references, max_value)
+        return {"psnr": mean, "per_item": per_item}

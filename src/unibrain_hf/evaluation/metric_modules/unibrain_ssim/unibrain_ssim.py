@@ -7,9 +7,9 @@ scikit-image ``structural_similarity`` with ``data_range=1`` and default 7-wide 
     python -c "import evaluate; m = evaluate.load('src/unibrain_hf/evaluation/metric_modules/unibrain_ssim'); print(m.compute(predictions=[[[9] * 7] * 7], references=[[[9] * 7] * 7]))"
 """
 
-import datasets
 import evaluate
-import numpy as np
+from unibrain_hf.evaluation.metric_modules import image_pair_features
+from unibrain_hf.evaluation.metric_modules import score_image_pairs
 from unibrain_hf.evaluation.metrics import ssim
 
 _DESCRIPTION = """Structural similarity between a generated and a ground-truth MRI slice (y, x) or volume
@@ -33,13 +33,6 @@ _CITATION = """@article{wang2004image,
   journal={IEEE Transactions on Image Processing}, volume={13}, number={4}, pages={600--612}, year={2004}}"""
 
 
-def _image_features(dimensions):
-    value = datasets.Value("float64")
-    for _ in range(dimensions):
-        value = datasets.List(value)
-    return datasets.Features({"predictions": value, "references": value})
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class UnibrainSsim(evaluate.Metric):
     def _info(self):
@@ -48,14 +41,9 @@ class UnibrainSsim(evaluate.Metric):
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             # One schema per accepted rank: 2-D slices and 3-D volumes.
-            features=[_image_features(2), _image_features(3)],
+            features=image_pair_features(),
         )
 
     def _compute(self, predictions, references, max_value=255.0):
-        per_item = [
-            ssim(np.asarray(reference), np.asarray(prediction), max_value=max_value)
-            for prediction, reference in zip(predictions, references)
-        ]
-        if not per_item:
-            raise ValueError("no image pairs to score")
-        return {"ssim": float(np.mean(per_item)), "per_item": per_item}
+        mean, per_item = score_image_pairs(ssim, predictions, references, max_value)
+        return {"ssim": mean, "per_item": per_item}

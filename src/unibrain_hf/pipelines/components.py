@@ -23,6 +23,16 @@ def flow_match_scheduler(shift: float = 1.0):
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False)
 
 
+def save_pipeline_components(directory: str | Path, model, vae, tokenizer, processor) -> None:
+    """Save every component of a pipeline into ``directory`` and write its ``model_index.json``."""
+    directory = Path(directory)
+    model.save_pretrained(str(directory / "model"))
+    vae.save_pretrained(str(directory / "vae"))
+    tokenizer.save_pretrained(str(directory / "tokenizer"))
+    processor.save_pretrained(directory / "processor", save_tokenizer=False)
+    write_pipeline_index(directory)
+
+
 def write_pipeline_index(directory: str | Path, config=None) -> None:
     """Write ``scheduler/`` and ``model_index.json`` next to already-saved model/vae/tokenizer folders."""
     directory = Path(directory)

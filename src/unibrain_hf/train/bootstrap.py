@@ -140,7 +140,7 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
                        log=print) -> Path:
     """Write a starting pipeline directory (model / vae / tokenizer / processor / scheduler) to ``out_dir``."""
     from ..data.radgenome import iter_subject_records
-    from ..pipelines.components import write_pipeline_index
+    from ..pipelines.components import save_pipeline_components
     from ..processing.processor import UniBrainProcessor
 
     out_dir = Path(out_dir)
@@ -160,11 +160,7 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
     from ..utils.atomic import atomic_directory
 
     with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(str(tmp / "model"))
-        vae.save_pretrained(str(tmp / "vae"))
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        processor.save_pretrained(tmp / "processor", save_tokenizer=False)
-        write_pipeline_index(tmp)
+        save_pipeline_components(tmp, model, vae, tokenizer, processor)
     return out_dir
 
 

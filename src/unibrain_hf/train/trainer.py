@@ -350,7 +350,7 @@ def export_run(model, ema, vae, tokenizer, processor, output_dir: Path, lora: bo
     """Write ``<output_dir>/pipeline`` (EMA weights) and, for LoRA runs, ``<output_dir>/lora_adapter``."""
     import copy
 
-    from ..pipelines.components import write_pipeline_index
+    from ..pipelines.components import save_pipeline_components
     from ..utils.atomic import atomic_directory
 
     final = output_dir / "pipeline"
@@ -363,11 +363,7 @@ def export_run(model, ema, vae, tokenizer, processor, output_dir: Path, lora: bo
         else:
             base = copy.deepcopy(model)
             ema.copy_to(base)
-        base.save_pretrained(str(tmp / "model"))
-        vae.save_pretrained(str(tmp / "vae"))
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        processor.save_pretrained(tmp / "processor", save_tokenizer=False)
-        write_pipeline_index(tmp)
+        save_pipeline_components(tmp, base, vae, tokenizer, processor)
     return final
 
 

@@ -27,6 +27,7 @@ is renamed into place at the end.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +163,7 @@ def _open_weights(path: Path):
         raise ConversionError(f"{path} is not a readable safetensors file ({exc})") from exc
 
 
-def _convert_tensor(source_key: str, tensor: torch.Tensor, config: UniBrainConfig) -> torch.Tensor:
+def _convert_tensor(source_key: str, tensor: torch.Tensor) -> torch.Tensor:
     if source_key.endswith("patch_embedding.weight") and tensor.dim() == 4:
         # A Conv2d patch embedding (out, c, kh, kw) becomes the Linear over (kh, kw, c)-ordered patches.
         tensor = tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
@@ -211,7 +212,7 @@ def plan_weight_conversion(weights_path: Path, config: UniBrainConfig):
             misshaped.append(f"{key}: {shape} (expected {expected[target]} for {target})")
             continue
         itemsize = torch.empty(0, dtype=_safetensors_dtype(tensor_slice.get_dtype())).element_size()
-        plan.append((key, target, shape, itemsize * int(torch.tensor(shape).prod().item() if shape else 1)))
+        plan.append((key, target, shape, itemsize * math.prod(shape)))
     targets = {t for _, t, _, _ in plan}
     missing = sorted(set(expected) - targets)
     problems = []
@@ -259,7 +260,7 @@ def write_model_shards(weights_path: Path, config: UniBrainConfig, out_dir: Path
         name = "model.safetensors" if single else f"model-{index:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for source, target, _, _ in shard:
-            tensor = _convert_tensor(source, handle.get_tensor(source), config)
+            tensor = _convert_tensor(source, handle.get_tensor(source))
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             tensors[target] = tensor.contiguous()

@@ -52,7 +52,7 @@ class PackedAttentionLayout:
             raise ValueError(f"splits cover {sum(self.split_lens)} tokens but samples cover {sum(self.sample_lens)}")
         # every sample must consist of whole splits
         self.splits_per_sample = []
-        pos, split_iter = 0, iter(self.split_lens)
+        split_iter = iter(self.split_lens)
         for sample_len in self.sample_lens:
             covered, count = 0, 0
             while covered < sample_len:
@@ -61,7 +61,6 @@ class PackedAttentionLayout:
             if covered != sample_len:
                 raise ValueError("split boundaries do not line up with sample boundaries")
             self.splits_per_sample.append(count)
-            pos += sample_len
 
     @property
     def total_len(self) -> int:

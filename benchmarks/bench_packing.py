@@ -14,7 +14,7 @@ text into many more tokens than Qwen2's, so text-heavy samples are longer than i
 
 Run from the repository root (about 1.5 minutes on a 2-core machine):
 
-    python benchmarks/bench_packing.py --seconds 30 --json /tmp/bench_packing.json
+    python benchmarks/bench_packing.py --seconds 30 --json runs/bench/packing.json
 """
 
 from __future__ import annotations
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
               "three_packs_in_process_s": round(time.perf_counter() - t0, 2)}
     print(json.dumps({k: v for k, v in report.items() if k != "results"}))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
     return 0
 

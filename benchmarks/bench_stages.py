@@ -35,7 +35,7 @@ The ``uptime`` line (with the load average) is recorded before and after every r
 Run from the repository root (roughly 10 minutes on an idle 2-core machine, judging by the CPU
 time per step; several times longer when other jobs share the cores):
 
-    python benchmarks/bench_stages.py --steps 12 --warmup 2 --threads 1 2 --out-json /tmp/bench_stages.json
+    python benchmarks/bench_stages.py --steps 12 --warmup 2 --threads 1 2 --out-json runs/bench/stages.json
 
 ``--work-dir DIR`` keeps (and reuses) the cohort and the starting pipeline; by default they go
 into a temporary directory that is removed at the end.
@@ -360,6 +360,7 @@ def main(argv=None) -> int:
                                      if line.startswith("model name")), platform.processor())},
         }
         if args.out_json:
+            Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out_json).write_text(json.dumps(report, indent=2))
         return 1 if any(r["error"] for r in results) else 0
     finally:

@@ -522,19 +522,11 @@ def packed_dataloader(dataset: PackedDataset, num_workers: int = 0, prefetch_fac
 
 
 def _demo() -> None:
-    import tempfile
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
     from unibrain_hf import UniBrainConfig, UniBrainProcessor
-    from unibrain_hf.convert import convert_bagel_checkpoint
+    from unibrain_hf.train.bootstrap import train_tokenizer
 
-    fixture = Path("/work/shared/fixtures/bagel_tiny")
-    with tempfile.TemporaryDirectory() as tmp:
-        convert_bagel_checkpoint(fixture, Path(tmp) / "model")
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(tmp) / "model" / "tokenizer"))
-    processor = UniBrainProcessor.for_model(UniBrainConfig.tiny(vocab_size=295), tokenizer, vae_max_size=64,
+    tokenizer = train_tokenizer(["a glioma in the left frontal lobe", "Final Diagnosis: Glioma"] * 8, vocab_size=300)
+    processor = UniBrainProcessor.for_model(UniBrainConfig.tiny(vocab_size=len(tokenizer)), tokenizer, vae_max_size=64,
                                             vae_min_size=32, vit_max_size=56, vit_min_size=28)
     rng = np.random.default_rng(0)
     records = []

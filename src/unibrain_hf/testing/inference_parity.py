@@ -10,9 +10,7 @@ RoPE positions of all three contexts, each step's branch velocities, the final l
 VAE decoder output, the uint8 image and the greedy ids/logits. Sizes and settings are read
 from README.json, never assumed.
 
-    python -c "from unibrain_hf.testing.inference_parity import check_inference as c; \
-import tempfile; from unibrain_hf.convert.convert_bagel import convert_bagel_checkpoint as k; \
-d = tempfile.mkdtemp(); k('/work/shared/fixtures/bagel_tiny', d); print(c('/work/shared/fixtures/bagel_tiny', d))"
+    python -m unibrain_hf.testing.parity FIXTURE_DIR     # converts the fixture and runs this replay
 """
 
 from __future__ import annotations

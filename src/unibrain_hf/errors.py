@@ -1,0 +1,40 @@
+"""The package's error types: every bad input is reported with one of these, early and by name.
+
+Each type also derives from the built-in exception a caller would already catch
+(``ValueError``, ``FileNotFoundError``, ``OSError``), so ``except ValueError`` keeps working.
+Every message names the input (a file path, a dict key such as ``images['t1n']``, a config
+key such as ``train.learning_rate`` or a CLI flag such as ``--weights``), says what is wrong
+and, where there is one, what to do instead. See ``docs/ERRORS.md`` for examples.
+
+    python -c "from unibrain_hf.errors import UniBrainError; help(UniBrainError)"
+"""
+
+from __future__ import annotations
+
+
+class UniBrainError(Exception):
+    """Base of every error this package raises on purpose (catch this to catch them all)."""
+
+
+class InvalidInputError(UniBrainError, ValueError):
+    """An argument value is unusable: wrong type, shape, dtype, range or combination."""
+
+
+class ConfigError(UniBrainError, ValueError):
+    """A configuration (model ``config.json``, training YAML, CLI flags) has a missing or invalid value."""
+
+
+class InputFileNotFoundError(UniBrainError, FileNotFoundError):
+    """A file or directory the caller named does not exist."""
+
+
+class CorruptFileError(UniBrainError, OSError, ValueError):
+    """A file exists but cannot be read as what it claims to be (truncated, damaged, wrong format)."""
+
+
+class UnsafeFileError(UniBrainError, ValueError):
+    """A file format that can execute code when read (pickle: ``.bin``, ``.pt``, ``.ckpt``) was refused."""
+
+
+__all__ = ["UniBrainError", "InvalidInputError", "ConfigError", "InputFileNotFoundError", "CorruptFileError",
+           "UnsafeFileError"]

@@ -34,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import InvalidInputError
+
 SPLIT_FILE_NAME = "train_val_test_split_subject.json"
 
 RADGENOME_ARROW_SCHEMA = pa.schema([
@@ -50,8 +52,8 @@ RADGENOME_ARROW_SCHEMA = pa.schema([
 RADGENOME_COLUMNS = tuple(RADGENOME_ARROW_SCHEMA.names)
 
 
-class SchemaError(ValueError):
-    """A row or file does not follow the RadGenome schema."""
+class SchemaError(InvalidInputError):
+    """A row, record or file does not follow the RadGenome schema (the message names the file or subject)."""
 
 
 def modality_code(modality_name: str) -> str:
@@ -174,10 +176,9 @@ def write_cohort(records, out_dir: str | os.PathLike, split: dict[str, list[str]
     Everything is written into a temporary sibling directory that is renamed into place at
     the end, so an interrupted run never leaves a half-written cohort.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
-    from ..utils.atomic import atomic_directory
+    from ..utils.atomic import atomic_directory, check_output_dir
+
+    out_dir = check_output_dir(out_dir, "cohort directory", overwrite)
 
     with atomic_directory(out_dir) as tmp:
         rows, subjects, chunk = [], [], 0

@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from unibrain_hf.errors import CorruptFileError
 from unibrain_hf.data.radgenome import (
     RADGENOME_FEATURES,
     EmptyVolumeWarning,
@@ -28,6 +27,7 @@ from unibrain_hf.data.schema import (
     record_to_row,
     write_cohort,
 )
+from unibrain_hf.errors import CorruptFileError
 
 SHAPE = (4, 6, 5)  # (z, y, x)
 SPLIT = {"train": ["S-0", "S-1", "S-2"], "val": ["S-3"], "test": ["S-4"]}

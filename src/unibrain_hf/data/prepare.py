@@ -267,7 +267,12 @@ def load_volume(path: str | os.PathLike) -> Volume:
     :class:`VolumeError` for one that cannot be used, both naming the file.
     """
     image = nib.funcs.squeeze_image(read_nifti(path))  # drops trailing length-1 axes (x, y, z, 1)
-    data = np.asarray(image.dataobj, dtype=np.float32)
+    raw = np.asanyarray(image.dataobj)
+    if not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
+        # Casting would drop an imaginary part or mix RGB channels without a word.
+        raise VolumeError(path, f"voxel type {raw.dtype} is not real-valued intensities (complex or RGB images "
+                                f"cannot be used)")
+    data = raw.astype(np.float32)
     if data.ndim == 4:
         raise VolumeError(path, f"4-D image with {data.shape[3]} volumes; one 3-D volume per sequence is expected")
     if data.ndim != 3 or min(data.shape) < 2:

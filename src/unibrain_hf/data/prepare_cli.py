@@ -59,5 +59,8 @@ def run(args: argparse.Namespace) -> int:
     except UniBrainError as exc:
         print(f"unibrain prepare: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # e.g. no permission to write next to OUT_DIR: nothing was written
+        print(f"unibrain prepare: error: {exc}", file=sys.stderr)
+        return 1
     print(report.summary())
     return 0

@@ -93,6 +93,10 @@ class SubjectRecord:
         for code, vol in self.volumes.items():
             if vol is None:
                 raise SchemaError(f"subject {self.subject_id!r}: modality {code!r} is listed without an image")
+            if not isinstance(vol, np.ndarray) or not _is_real_number_dtype(vol.dtype):
+                kind = f"dtype {vol.dtype}" if isinstance(vol, np.ndarray) else type(vol).__name__
+                raise SchemaError(f"subject {self.subject_id!r}: modality {code!r} must be a numpy array of real "
+                                  f"intensities, got {kind}")
             if vol.ndim != 3:
                 raise SchemaError(f"subject {self.subject_id!r}: modality {code!r} must be 3-D (z, y, x), got {vol.shape}")
             if shape is None:
@@ -102,12 +106,22 @@ class SubjectRecord:
                     f"subject {self.subject_id!r}: modality {code!r} has shape {vol.shape}, expected {shape} like the others")
             if not np.all(np.isfinite(vol)):
                 raise SchemaError(f"subject {self.subject_id!r}: modality {code!r} contains NaN or Inf")
+        if self.mask is not None and (not isinstance(self.mask, np.ndarray)
+                                      or not _is_real_number_dtype(self.mask.dtype)):
+            raise SchemaError(f"subject {self.subject_id!r}: mask must be a numpy array of real numbers")
         if self.mask is not None and self.mask.shape != shape:
             raise SchemaError(f"subject {self.subject_id!r}: mask shape {self.mask.shape} != volume shape {shape}")
 
 
+def _is_real_number_dtype(dtype: np.dtype) -> bool:
+    """Integers, floats and booleans; not complex, strings, objects or structured (RGB) types."""
+    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == np.bool_
+
+
 def record_to_row(record: SubjectRecord) -> dict:
     """Encode a :class:`SubjectRecord` as one parquet row (dict of column -> value)."""
+    if not isinstance(record, SubjectRecord):
+        raise InvalidInputError(f"expected a SubjectRecord, got {type(record).__name__}")
     record.validate()
     z, y, x = record.shape_zyx
     header = {"spacing": [float(s) for s in record.spacing], "direction": [float(d) for d in record.direction],

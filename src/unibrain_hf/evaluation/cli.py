@@ -99,6 +99,13 @@ def _check_task_flags(args) -> str | None:
         return "--replaced-by is for --task diagnosis"
     if args.max_new_tokens is not None and args.task == "generation":
         return "--max-new-tokens is for the text tasks (diagnosis, unified)"
+    for flag, codes in (("--modalities-in", args.modalities_in), ("--modalities-out", args.modalities_out)):
+        repeated = sorted({code for code in codes if codes.count(code) > 1})
+        if repeated:
+            return f"{flag} lists {' '.join(repeated)} more than once"
+    both = [code for code in args.modalities_out if code in args.modalities_in]
+    if both:
+        return f"{' '.join(both)} is in both --modalities-in and --modalities-out; a target must be a missing sequence"
     return None
 
 
@@ -133,7 +140,10 @@ def _check_paths(args) -> None:
     if args.rules is not None:
         read_json(args.rules, "--rules")
     if args.replaced_by is not None:
-        existing_path(args.replaced_by, "--replaced-by", kind="directory")
+        replaced_by = existing_path(args.replaced_by, "--replaced-by", kind="directory")
+        if not any(replaced_by.glob("*.png")) and not any(replaced_by.glob("images/*.png")):
+            raise InputFileNotFoundError(f"--replaced-by {replaced_by} holds no <subject>-<modality>.png images "
+                                         f"(nor an images/ folder of them, as a 2-D generation run writes)")
     _check_device(args.device)
 
 

@@ -455,17 +455,21 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
                 check_pretrained_weights(os.path.join(path, kwargs.get("subfolder") or ""))
         elif (not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) or os.path.isdir(path.split("/")[0])
               or os.path.exists(path)):
-            # Not a Hub repo id ("owner/name"), or it starts at a local folder: a local path that is missing.
-            state = "is not a directory" if os.path.exists(path) else "does not exist"
-            raise InputFileNotFoundError(f"model directory {path} {state} (a saved model folder, a pipeline "
-                                         f"directory or a Hub repo id 'owner/name' is expected)")
+            # Not a Hub repo id ("owner/name"), or it starts at a local folder: a local path, missing or a file.
+            error, state = ((InvalidInputError, "is a file, not a directory") if os.path.exists(path)
+                            else (InputFileNotFoundError, "does not exist"))
+            raise error(f"model directory {path} {state} (a saved model folder, a pipeline directory or a Hub repo "
+                        f"id 'owner/name' is expected)")
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except Exception as exc:
-            if type(exc).__name__ != "SafetensorError":  # a Hub download that is damaged; local folders were checked
-                raise
-            raise CorruptFileError(f"a safetensors file of {path} is damaged or truncated ({exc}); delete it from "
-                                   f"the Hugging Face cache and download it again") from exc
+            if type(exc).__name__ == "SafetensorError":  # a damaged Hub download; local folders were checked
+                raise CorruptFileError(f"a safetensors file of {path} is damaged or truncated ({exc}); delete it "
+                                       f"from the Hugging Face cache and download it again") from exc
+            if isinstance(exc, OSError) and not os.path.isdir(path) and not isinstance(exc, CorruptFileError):
+                raise InputFileNotFoundError(f"{path} is not a local folder, and loading it as a Hub repo id failed "
+                                             f"(safetensors weights only): {exc}") from exc
+            raise
 
     # ------------------------------------------------------------------ helpers
     def get_input_embeddings(self):

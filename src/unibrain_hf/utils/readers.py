@@ -96,7 +96,10 @@ def _refuse_pickle_file(path: Path, what: str | None) -> None:
 
 
 def _conversion_hint(path: Path) -> str:
-    target = path.with_name(path.name.split(".")[0] + ".safetensors")
+    stem = path.name.split(".")[0]
+    if stem.startswith("pytorch_model"):  # transformers names: pytorch_model*.bin -> model*.safetensors
+        stem = "model" + stem[len("pytorch_model"):]
+    target = path.with_name(stem + ".safetensors")
     return (f"Convert it once, in an environment you trust: python -c \"import torch; from safetensors.torch import "
             f"save_file; save_file(torch.load('{path}', weights_only=True), '{target}')\"")
 
@@ -164,7 +167,8 @@ def check_pretrained_weights(directory: str | os.PathLike, what: str | None = No
         if not config.is_file():
             raise InputFileNotFoundError(f"{_label(directory, what)} has no {config_name}; it is not a saved model "
                                          f"folder")
-        read_json(config, what)
+        if not isinstance(read_json(config, what), dict):
+            raise CorruptFileError(f"{_label(config, what)} is not a JSON object of settings")
     refuse_pickled_weights(directory, what)
     files = sorted(directory.glob("*.safetensors"))
     for index in sorted(directory.glob(f"*{SAFETENSORS_INDEX_SUFFIX}")):

@@ -448,10 +448,11 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         path = os.path.expanduser(str(pretrained_model_name_or_path))
         if os.path.isdir(path):
+            pretrained_model_name_or_path = path
             if ("subfolder" not in kwargs and not os.path.exists(os.path.join(path, "config.json"))
                     and os.path.exists(os.path.join(path, "model", "config.json"))):
                 kwargs["subfolder"] = "model"
-            if check_pretrained_weights is not None:
+            if check_pretrained_weights is not None and kwargs.get("state_dict") is None:
                 check_pretrained_weights(os.path.join(path, kwargs.get("subfolder") or ""))
         elif (not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) or os.path.isdir(path.split("/")[0])
               or os.path.exists(path)):

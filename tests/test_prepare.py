@@ -272,8 +272,8 @@ def test_command_line(inputs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote 3 subject(s)" in out and "unknown sequence code 'swi'" in out
     assert unibrain_main(["prepare", str(src), "--reports", str(reports), str(tmp_path / "out2"),
-                          "--split", "0.5", "0.5", "0.5"]) == 1
-    assert "sum" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+                          "--split", "0.5", "0.5", "0.5"]) == 2
+    assert "--split must be three" in capsys.readouterr().err and not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize("zooms, axcodes, shape", [

@@ -27,6 +27,7 @@ from unibrain_hf.data.schema import (
     record_to_row,
     write_cohort,
 )
+from unibrain_hf.errors import CorruptFileError
 
 SHAPE = (4, 6, 5)  # (z, y, x)
 SPLIT = {"train": ["S-0", "S-1", "S-2"], "val": ["S-3"], "test": ["S-4"]}
@@ -177,10 +178,10 @@ def test_corrupt_file_is_named(cohort, tmp_path):
     good = sorted(path.glob("*.parquet"))[0].read_bytes()
     broken = tmp_path / "chunk_9.parquet"
     broken.write_bytes(good[: len(good) // 2])  # truncated: no footer
-    with pytest.raises(SchemaError, match=r"chunk_9\.parquet: not a readable parquet file"):
+    with pytest.raises(CorruptFileError, match=r"chunk_9\.parquet\) is not a readable parquet file"):
         load_radgenome(broken, cache_dir=tmp_path / "cache")
-    with pytest.raises(SchemaError, match=r"chunk_9\.parquet"):
-        list(iter_subject_records([broken]))
+    with pytest.raises(CorruptFileError, match=r"chunk_9\.parquet"):
+        iter_subject_records([broken])  # reported by the call, before any subject is read
 
 
 def test_missing_columns_are_listed(tmp_path):

@@ -36,5 +36,20 @@ class UnsafeFileError(UniBrainError, ValueError):
     """A file format that can execute code when read (pickle: ``.bin``, ``.pt``, ``.ckpt``) was refused."""
 
 
+class OutputExistsError(UniBrainError, FileExistsError):
+    """An output location already holds something and replacing it was not asked for.
+
+    ``path`` is the output location; a command line can name its own flag (``--overwrite``)
+    instead of the Python argument named in the message (``overwrite=True``).
+    """
+
+    def __init__(self, path, what: str = "output", option: str = "overwrite=True"):
+        self.path, self.what, self.option = path, what, option
+        super().__init__(f"{what} {path} already exists and is not empty; pass {option} to replace it")
+
+    def __reduce__(self):  # keep the arguments through pickling (multiprocessing workers)
+        return type(self), (self.path, self.what, self.option)
+
+
 __all__ = ["UniBrainError", "InvalidInputError", "ConfigError", "InputFileNotFoundError", "CorruptFileError",
-           "UnsafeFileError"]
+           "UnsafeFileError", "OutputExistsError"]

@@ -16,6 +16,8 @@ import argparse
 import sys
 import time
 
+from ..errors import UniBrainError
+from ..utils.atomic import check_output_dir
 from ..utils.cli_types import non_negative_int, positive_int
 from .phantom.tissue import FIELD_STRENGTHS, check_field_strength
 
@@ -24,7 +26,11 @@ def _voxel_size(text: str) -> float:
     from .phantom.anatomy import check_voxel_size
 
     try:
-        return check_voxel_size(float(text))
+        size = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a voxel size in mm, got {text!r}") from None
+    try:
+        return check_voxel_size(size)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -59,6 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .phantom.generator import generate_cohort
 
+    try:  # before any subject is drawn, in this command's own words
+        check_output_dir(args.out_dir, "OUT_DIR", args.overwrite, "--overwrite")
+    except UniBrainError as exc:
+        print(f"unibrain phantom: error: {exc}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
 
     def progress(done: int, total: int, subject_id: str) -> None:

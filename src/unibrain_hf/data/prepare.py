@@ -52,7 +52,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
-import json
 import os
 import random
 import re
@@ -66,6 +65,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ..errors import CorruptFileError, InvalidInputError
+from ..utils.atomic import check_output_dir
+from ..utils.readers import existing_path, read_json, read_nifti
 from .schema import SubjectRecord, write_cohort
 
 CANONICAL_CODES = ("t1n", "t1c", "t2w", "t2f", "dwi", "adc")
@@ -84,7 +86,14 @@ HASH_HEX_DIGITS = 16
 GRID_ATOL = 1e-3
 
 
-class PrepareError(ValueError):
+#: How error messages name :func:`prepare_cohort`'s arguments; ``unibrain prepare`` passes its flags instead.
+ARGUMENT_NAMES = {"input_dir": "input_dir", "reports": "reports", "out_dir": "out_dir",
+                  "split_fractions": "split_fractions", "keep_pattern": "keep_pattern",
+                  "hash_subject_ids": "hash_subject_ids=True", "subjects_per_file": "subjects_per_file",
+                  "nifti_dir": "nifti_dir", "overwrite": "overwrite=True"}
+
+
+class PrepareError(InvalidInputError):
     """No usable subject: carries the full problem list."""
 
     def __init__(self, message: str, problems: list[tuple[str, str]]):
@@ -92,8 +101,15 @@ class PrepareError(ValueError):
         self.problems = problems
 
 
-class VolumeError(ValueError):
-    """A NIfTI file cannot be used; the message is the reason reported for it."""
+class VolumeError(InvalidInputError):
+    """A NIfTI file is readable but cannot be used (not 3-D, NaN/Inf, ...); names the file and the reason."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self):  # keep the arguments through pickling (multiprocessing workers)
+        return type(self), (self.path, self.reason)
 
 
 @dataclass
@@ -141,15 +157,25 @@ def _diagnosis_list(value, where: str) -> list[str]:
         return [value.strip()] if value.strip() else []
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return [v.strip() for v in value if v.strip()]
-    raise ValueError(f"{where}: diagnosis must be a string or a list of strings, got {value!r}")
+    raise InvalidInputError(f"{where}: diagnosis must be a string or a list of strings, got {value!r}")
 
 
-def _load_csv_reports(path: Path) -> dict[str, SubjectReport]:
+def _load_csv_reports(path: Path, what: str) -> dict[str, SubjectReport]:
+    label = f"{what} ({path})"
+    try:
+        return _parse_csv_reports(path, label)
+    except UnicodeDecodeError as exc:
+        raise CorruptFileError(f"{label} is not UTF-8 text; save the spreadsheet as CSV UTF-8 ({exc})") from exc
+    except csv.Error as exc:
+        raise CorruptFileError(f"{label} is not a readable CSV file ({exc})") from exc
+
+
+def _parse_csv_reports(path: Path, label: str) -> dict[str, SubjectReport]:
     with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets often add a BOM
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "subject_id" not in columns:
-            raise ValueError(f"{path}: no 'subject_id' column (columns: {columns})")
+            raise InvalidInputError(f"{label}: no 'subject_id' column (columns: {columns})")
         finding_columns, unknown = {}, []
         for column in columns:
             if column.startswith("finding_") and normalise_code(column[len("finding_"):]):
@@ -157,16 +183,17 @@ def _load_csv_reports(path: Path) -> dict[str, SubjectReport]:
             elif column not in ("subject_id", "impression", "diagnosis", "global_finding"):
                 unknown.append(column)
         if unknown:
-            raise ValueError(f"{path}: unknown column(s) {unknown}; expected subject_id, impression, diagnosis, "
-                             f"global_finding and finding_<code> with code in {sorted(CODE_ALIASES)}")
+            raise InvalidInputError(f"{label}: unknown column(s) {unknown}; expected subject_id, impression, "
+                                    f"diagnosis, global_finding and finding_<code> with code in "
+                                    f"{sorted(CODE_ALIASES)}")
         reports = {}
         for line, raw in enumerate(reader, start=2):
             row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
             subject = row["subject_id"]
             if not subject:
-                raise ValueError(f"{path}:{line}: empty subject_id")
+                raise InvalidInputError(f"{label} line {line}: empty subject_id")
             if subject in reports:
-                raise ValueError(f"{path}:{line}: subject {subject!r} appears twice")
+                raise InvalidInputError(f"{label} line {line}: subject {subject!r} appears twice")
             reports[subject] = SubjectReport(
                 findings={code: row[col] for col, code in finding_columns.items() if row.get(col)},
                 impression=row.get("impression", ""),
@@ -175,36 +202,35 @@ def _load_csv_reports(path: Path) -> dict[str, SubjectReport]:
     return reports
 
 
-def _load_json_reports(path: Path) -> dict[str, SubjectReport]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+def _load_json_reports(path: Path, what: str) -> dict[str, SubjectReport]:
+    label = f"{what} ({path})"
+    data = read_json(path, what)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object {{subject_id: report}}, got {type(data).__name__}")
+        raise InvalidInputError(f"{label}: expected an object {{subject_id: report}}, got {type(data).__name__}")
     allowed = {"findings", "impression", "diagnosis", "global_finding"}
     reports = {}
     for subject, entry in data.items():
-        where = f"{path}: subject {subject!r}"
+        where = f"{label}: subject {subject!r}"
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: report must be an object, got {type(entry).__name__}")
+            raise InvalidInputError(f"{where}: report must be an object, got {type(entry).__name__}")
         unknown = sorted(set(entry) - allowed)
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed {sorted(allowed)}")
+            raise InvalidInputError(f"{where}: unknown key(s) {unknown}; allowed {sorted(allowed)}")
         findings = entry.get("findings") or {}
         if not isinstance(findings, dict):
-            raise ValueError(f"{where}: 'findings' must map sequence codes to text")
+            raise InvalidInputError(f"{where}: 'findings' must map sequence codes to text")
         normalised = {}
         for code, text in findings.items():
             canonical = normalise_code(code)
             if canonical is None:
-                raise ValueError(f"{where}: unknown sequence code {code!r} in findings; known {sorted(CODE_ALIASES)}")
+                raise InvalidInputError(f"{where}: unknown sequence code {code!r} in findings; "
+                                        f"known {sorted(CODE_ALIASES)}")
             if not isinstance(text, str):
-                raise ValueError(f"{where}: finding for {code!r} must be text")
+                raise InvalidInputError(f"{where}: finding for {code!r} must be text")
             normalised[canonical] = text.strip()
         for key in ("impression", "global_finding"):
             if not isinstance(entry.get(key, ""), str):
-                raise ValueError(f"{where}: {key!r} must be text")
+                raise InvalidInputError(f"{where}: {key!r} must be text")
         reports[str(subject)] = SubjectReport(
             findings=normalised, impression=entry.get("impression", "").strip(),
             disease=_diagnosis_list(entry.get("diagnosis"), where),
@@ -212,17 +238,15 @@ def _load_json_reports(path: Path) -> dict[str, SubjectReport]:
     return reports
 
 
-def load_reports(path: str | os.PathLike) -> dict[str, SubjectReport]:
-    """Read a CSV or JSON report file (formats in the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reports file {path} not found")
+def load_reports(path: str | os.PathLike, what: str = "reports") -> dict[str, SubjectReport]:
+    """Read a CSV or JSON report file (formats in the module docstring); ``what`` names it in errors."""
+    path = existing_path(path, what)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return _load_csv_reports(path)
+        return _load_csv_reports(path, what)
     if suffix == ".json":
-        return _load_json_reports(path)
-    raise ValueError(f"{path}: reports must be a .csv or .json file")
+        return _load_json_reports(path, what)
+    raise InvalidInputError(f"{what} ({path}) must be a .csv or .json file")
 
 
 # --------------------------------------------------------------------------- volumes
@@ -239,19 +263,22 @@ class Volume:
 def load_volume(path: str | os.PathLike) -> Volume:
     """Read one NIfTI file as float32 and reorient it to :data:`TARGET_AXCODES`.
 
-    Raises :class:`VolumeError` with the reason when the file cannot be used.
+    Raises :class:`~unibrain_hf.errors.CorruptFileError` for a damaged or truncated file and
+    :class:`VolumeError` for one that cannot be used, both naming the file.
     """
-    try:
-        image = nib.funcs.squeeze_image(nib.load(path))  # drops trailing length-1 axes (x, y, z, 1)
-        data = image.get_fdata(dtype=np.float32)
-    except Exception as exc:  # nibabel, gzip and zlib each raise their own types for a broken file
-        raise VolumeError(f"unreadable NIfTI ({type(exc).__name__}: {exc})") from None
+    image = nib.funcs.squeeze_image(read_nifti(path))  # drops trailing length-1 axes (x, y, z, 1)
+    raw = np.asanyarray(image.dataobj)
+    if not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)):
+        # Casting would drop an imaginary part or mix RGB channels without a word.
+        raise VolumeError(path, f"voxel type {raw.dtype} is not real-valued intensities (complex or RGB images "
+                                f"cannot be used)")
+    data = raw.astype(np.float32)
     if data.ndim == 4:
-        raise VolumeError(f"4-D image with {data.shape[3]} volumes; one 3-D volume per sequence is expected")
+        raise VolumeError(path, f"4-D image with {data.shape[3]} volumes; one 3-D volume per sequence is expected")
     if data.ndim != 3 or min(data.shape) < 2:
-        raise VolumeError(f"2-D image (shape {data.shape}); a 3-D volume is expected")
+        raise VolumeError(path, f"2-D image (shape {data.shape}); a 3-D volume is expected")
     if not np.all(np.isfinite(data)):
-        raise VolumeError(f"contains {int(np.size(data) - np.isfinite(data).sum())} NaN/Inf voxel(s)")
+        raise VolumeError(path, f"contains {int(np.size(data) - np.isfinite(data).sum())} NaN/Inf voxel(s)")
     current = nib.orientations.io_orientation(image.affine)
     transform = nib.orientations.ornt_transform(current, nib.orientations.axcodes2ornt(TARGET_AXCODES))
     data = nib.orientations.apply_orientation(data, transform)
@@ -331,11 +358,15 @@ def split_subjects(subject_ids: list[str], fractions: tuple[float, float, float]
     return {"train": order[:bounds[0]], "val": order[bounds[0]:bounds[1]], "test": order[bounds[1]:]}
 
 
-def _check_fractions(fractions) -> tuple[float, float, float]:
-    fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0, atol=1e-6):
-        raise ValueError(f"split fractions must be three non-negative numbers (train, val, test) summing to 1, "
-                         f"got {fractions}")
+def _check_fractions(fractions, name: str = "split_fractions") -> tuple[float, float, float]:
+    try:
+        fractions = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{name} must be three numbers (train, val, test), got {fractions!r}") from None
+    if (len(fractions) != 3 or not all(np.isfinite(fractions)) or any(f < 0 for f in fractions)
+            or not np.isclose(sum(fractions), 1.0, atol=1e-6)):
+        raise InvalidInputError(f"{name} must be three non-negative numbers (train, val, test) summing to 1, "
+                                f"got {fractions}")
     return fractions
 
 
@@ -390,6 +421,14 @@ def _discover(subject_dir: Path, problems: list) -> tuple[dict[str, Path], list[
     return sequences, masks
 
 
+def _reason(exc: Exception) -> str:
+    """What is wrong with a volume, for the problem list (which names the file itself)."""
+    if isinstance(exc, VolumeError):
+        return exc.reason
+    cause = exc.__cause__ or exc
+    return f"unreadable NIfTI, damaged or truncated ({type(cause).__name__}: {cause})"
+
+
 def _same_grid(a: Volume, b: Volume) -> bool:
     return a.data.shape == b.data.shape and np.allclose(a.affine, b.affine, atol=GRID_ATOL)
 
@@ -409,8 +448,8 @@ def _prepare_subject(subject_dir: Path, report: SubjectReport | None, stage: Pat
             continue
         try:
             volume = load_volume(sequence_paths[code])
-        except VolumeError as exc:
-            problems.append((str(sequence_paths[code]), str(exc)))
+        except (VolumeError, CorruptFileError) as exc:
+            problems.append((str(sequence_paths[code]), _reason(exc)))
             continue
         if not np.any(volume.data > 0):
             problems.append((str(sequence_paths[code]), "no voxel > 0 (empty image)"))
@@ -420,9 +459,9 @@ def _prepare_subject(subject_dir: Path, report: SubjectReport | None, stage: Pat
     if mask_paths:
         try:
             mask = load_volume(mask_paths[0])
-        except VolumeError as exc:
+        except (VolumeError, CorruptFileError) as exc:
             # Writing the subject without its mask would silently change how its slices are sampled.
-            problems.append((str(mask_paths[0]), f"{exc}; subject skipped"))
+            problems.append((str(mask_paths[0]), f"{_reason(exc)}; subject skipped"))
             return None
     if len(volumes) < MIN_SEQUENCES:
         problems.append((str(subject_dir), f"{len(volumes)} usable sequence(s) {sorted(volumes)}, "
@@ -476,9 +515,31 @@ def _write_nifti_copies(subjects: list[_Subject], id_map: dict[str, str], stage:
         raise
 
 
-def _check_output_dir(path: Path, overwrite: bool) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+def _check_arguments(input_dir: Path, reports, out_dir: Path, split_fractions, hash_subject_ids: bool,
+                     keep_pattern: str | None, subjects_per_file, nifti_dir, overwrite: bool, names: dict):
+    """Every argument of :func:`prepare_cohort` checked before any file is read; errors use ``names``."""
+    fractions = _check_fractions(split_fractions, names["split_fractions"])
+    existing_path(input_dir, names["input_dir"], kind="directory")
+    existing_path(reports, names["reports"])
+    if keep_pattern is not None:
+        if not hash_subject_ids:
+            raise InvalidInputError(f"{names['keep_pattern']} only applies with {names['hash_subject_ids']}")
+        try:
+            re.compile(keep_pattern)
+        except re.error as exc:
+            raise InvalidInputError(f"{names['keep_pattern']} {keep_pattern!r} is not a valid regular expression "
+                                    f"({exc})") from None
+    if isinstance(subjects_per_file, bool) or not isinstance(subjects_per_file, (int, np.integer)) \
+            or subjects_per_file < 1:
+        raise InvalidInputError(f"{names['subjects_per_file']} must be a positive integer, got {subjects_per_file!r}")
+    outputs = [("out_dir", out_dir)] + ([("nifti_dir", Path(nifti_dir))] if nifti_dir is not None else [])
+    for key, path in outputs:
+        # An output inside the input would be read back as a subject folder by the next run.
+        if path.resolve().is_relative_to(input_dir.resolve()):
+            raise InvalidInputError(f"{names[key]} {path} lies inside {names['input_dir']} {input_dir}; write the "
+                                    f"output elsewhere")
+        check_output_dir(path, names[key], overwrite, names["overwrite"])
+    return fractions
 
 
 # --------------------------------------------------------------------------- entry point
@@ -488,7 +549,7 @@ def prepare_cohort(input_dir: str | os.PathLike, reports: str | os.PathLike, out
                    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0,
                    hash_subject_ids: bool = False, salt: str | None = None, overwrite: bool = False,
                    keep_pattern: str | None = None, subjects_per_file: int = 5,
-                   nifti_dir: str | os.PathLike | None = None) -> PrepareReport:
+                   nifti_dir: str | os.PathLike | None = None, argument_names: dict | None = None) -> PrepareReport:
     """Preprocess every subject folder of ``input_dir`` and write a RadGenome cohort to ``out_dir``.
 
     Args:
@@ -503,24 +564,20 @@ def prepare_cohort(input_dir: str | os.PathLike, reports: str | os.PathLike, out
         keep_pattern: regex whose match in the original id is kept as a prefix of the hashed id.
         subjects_per_file: subjects per parquet chunk.
         nifti_dir: also write the preprocessed volumes as de-identified NIfTI here (for review).
+        argument_names: how error messages name these arguments (default :data:`ARGUMENT_NAMES`;
+            ``unibrain prepare`` passes its flags).
+
+    Every argument, the reports file and the output locations are checked before any volume is
+    read; errors are :mod:`unibrain_hf.errors` types naming the argument and the file.
     """
+    names = {**ARGUMENT_NAMES, **(argument_names or {})}
     input_dir, out_dir = Path(input_dir), Path(out_dir)
-    fractions = _check_fractions(split_fractions)
-    if not input_dir.is_dir():
-        raise FileNotFoundError(f"input directory {input_dir} not found")
-    if keep_pattern is not None:
-        if not hash_subject_ids:
-            raise ValueError("keep_pattern only applies with hash_subject_ids=True")
-        try:
-            re.compile(keep_pattern)
-        except re.error as exc:
-            raise ValueError(f"keep_pattern {keep_pattern!r} is not a valid regular expression ({exc})") from None
-    _check_output_dir(out_dir, overwrite)
+    fractions = _check_arguments(input_dir, reports, out_dir, split_fractions, hash_subject_ids, keep_pattern,
+                                 subjects_per_file, nifti_dir, overwrite, names)
     if nifti_dir is not None:
         nifti_dir = Path(nifti_dir)
-        _check_output_dir(nifti_dir, overwrite)
         nifti_dir.parent.mkdir(parents=True, exist_ok=True)
-    report_table = load_reports(reports)
+    report_table = load_reports(reports, names["reports"])
     random_salt = hash_subject_ids and salt is None
     if random_salt:
         salt = secrets.token_hex(16)

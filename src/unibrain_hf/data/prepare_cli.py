@@ -5,8 +5,8 @@
         --keep-pattern '(GLI|MEN|MET)' --split 0.8 0.1 0.1 --seed 0 --overwrite
 
 Input layout, report formats, preprocessing and de-identification are described in
-:mod:`unibrain_hf.data.prepare`. Prints a summary with every skipped file and why; exits 1
-(writing nothing) when no subject is usable or the inputs are invalid.
+:mod:`unibrain_hf.data.prepare`. Prints a summary with every skipped file and why; exits 2
+(writing nothing) when no subject is usable or the inputs are invalid, naming the flag or file.
 """
 
 from __future__ import annotations
@@ -14,7 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .prepare import PrepareError, prepare_cohort
+from ..errors import UniBrainError
+from ..utils.cli_types import positive_int
+from .prepare import prepare_cohort
+
+#: Exit status for input that cannot be used (argparse uses the same code for bad flags).
+EXIT_BAD_INPUT = 2
+#: How error messages name :func:`prepare_cohort`'s arguments on this command line.
+FLAG_NAMES = {"input_dir": "INPUT_DIR", "reports": "--reports", "out_dir": "OUT_DIR", "split_fractions": "--split",
+              "keep_pattern": "--keep-pattern", "hash_subject_ids": "--hash-ids",
+              "subjects_per_file": "--subjects-per-file", "nifti_dir": "--nifti-out", "overwrite": "--overwrite"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-pattern", default=None, metavar="REGEX",
                         help="with --hash-ids, keep this regex match of the original id (its first group if any) "
                              "as a prefix, e.g. '(GLI|MEN|MET)'")
-    parser.add_argument("--subjects-per-file", type=int, default=5, help="subjects per parquet chunk (default: 5)")
+    parser.add_argument("--subjects-per-file", type=positive_int, default=5,
+                        help="subjects per parquet chunk (default: 5)")
     parser.add_argument("--nifti-out", default=None, metavar="DIR",
                         help="also write the preprocessed volumes as de-identified NIfTI files here, for review")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR (and --nifti-out) if not empty")
@@ -44,8 +54,12 @@ def run(args: argparse.Namespace) -> int:
         report = prepare_cohort(
             args.input_dir, args.reports, args.out_dir, split_fractions=tuple(args.split), seed=args.seed,
             hash_subject_ids=args.hash_ids, salt=args.salt, overwrite=args.overwrite,
-            keep_pattern=args.keep_pattern, subjects_per_file=args.subjects_per_file, nifti_dir=args.nifti_out)
-    except (PrepareError, ValueError, FileNotFoundError, FileExistsError) as exc:
+            keep_pattern=args.keep_pattern, subjects_per_file=args.subjects_per_file, nifti_dir=args.nifti_out,
+            argument_names=FLAG_NAMES)
+    except UniBrainError as exc:
+        print(f"unibrain prepare: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # e.g. no permission to write next to OUT_DIR: nothing was written
         print(f"unibrain prepare: error: {exc}", file=sys.stderr)
         return 1
     print(report.summary())

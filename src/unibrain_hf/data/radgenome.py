@@ -29,7 +29,6 @@ this is the default) also drops a subject left without any volume.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -42,6 +41,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from ..errors import CorruptFileError, InputFileNotFoundError, InvalidInputError
+from ..utils.readers import existing_path, open_parquet_file, read_json, read_parquet_table
 from .schema import (
     RADGENOME_ARROW_SCHEMA,
     RADGENOME_COLUMNS,
@@ -78,29 +79,37 @@ class EmptyVolumeWarning(UserWarning):
 
 def resolve_parquet_files(data_files_or_dir: PathLike | Sequence[PathLike]) -> list[Path]:
     """A directory (its ``*.parquet``, sorted), one file, or a list of files -> checked file paths."""
+    what = "data_files_or_dir"
     if isinstance(data_files_or_dir, (str, os.PathLike)):
-        path = Path(data_files_or_dir)
+        path = existing_path(data_files_or_dir, "cohort directory or parquet file", kind="any")
         if path.is_dir():
             files = sorted(path.glob("*.parquet"))
             if not files:
-                raise FileNotFoundError(f"no *.parquet files in directory {path}")
+                present = sorted(p.name for p in path.iterdir())[:8]
+                raise InputFileNotFoundError(f"cohort directory {path} holds no *.parquet files (it holds "
+                                             f"{present or 'nothing'}); point at the folder `unibrain prepare` or "
+                                             f"`unibrain phantom` wrote")
             return files
         candidates = [path]
-    else:
-        candidates = [Path(p) for p in data_files_or_dir]
+    elif isinstance(data_files_or_dir, Sequence) and not isinstance(data_files_or_dir, bytes):
+        candidates = [existing_path(p, what) for p in data_files_or_dir]
         if not candidates:
-            raise FileNotFoundError("empty list of parquet files")
-    missing = [str(p) for p in candidates if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"parquet file(s) not found: {missing}")
+            raise InvalidInputError(f"{what} is an empty list; name a cohort directory or parquet files")
+    else:
+        raise InvalidInputError(f"{what} must be a cohort directory, a .parquet file or a list of them, got "
+                                f"{type(data_files_or_dir).__name__}")
+    for path in candidates:
+        existing_path(path, "parquet file")
+        if path.suffix.lower() != ".parquet":
+            raise InvalidInputError(f"{path} is not a .parquet file; pass a cohort directory or its *.parquet files")
     return candidates
 
 
 def _default_split_file(files: list[Path]) -> Path:
     parents = {f.resolve().parent for f in files}
     if len(parents) != 1:
-        raise ValueError(f"the parquet files lie in several directories {sorted(map(str, parents))}; "
-                         "pass split_file= to say which split file to use")
+        raise InvalidInputError(f"the parquet files lie in several directories {sorted(map(str, parents))}; "
+                                "pass split_file= to say which split file to use")
     return parents.pop() / SPLIT_FILE_NAME
 
 
@@ -109,24 +118,25 @@ def load_split(split_file: PathLike) -> dict[str, list[str]]:
     split_file = Path(split_file)
     if not split_file.is_file():
         present = sorted(p.name for p in split_file.parent.glob("*.json")) if split_file.parent.is_dir() else []
-        raise FileNotFoundError(f"split file {split_file} not found (JSON files in that directory: {present}); "
-                                "pass split_file= or split=None to read every subject")
-    try:
-        split = json.loads(split_file.read_text())
-    except ValueError as exc:
-        raise SchemaError(f"split file {split_file} is not valid JSON ({exc})") from None
+        raise InputFileNotFoundError(f"split file {split_file} not found (JSON files in that directory: {present}); "
+                                     "pass split_file= or split=None to read every subject")
+    split = read_json(split_file, "split file")
     if not isinstance(split, dict) or not all(
             isinstance(ids, list) and all(isinstance(s, str) for s in ids) for ids in split.values()):
-        raise SchemaError(f"split file {split_file} must map split names to lists of subject ids")
+        raise SchemaError(f"split file {split_file} must map split names to lists of subject ids, e.g. "
+                          '{"train": ["id-1", ...], "val": [...], "test": [...]}')
     return split
 
 
 def split_subjects(files: list[Path], split: str, split_file: PathLike | None = None) -> list[str]:
     """Subject ids of ``split``, from ``split_file`` or the split file next to the parquet files."""
+    if not isinstance(split, str):
+        raise InvalidInputError(f"split must be a split name such as 'train' (or None), got {type(split).__name__} "
+                                f"{split!r}")
     path = Path(split_file) if split_file is not None else _default_split_file(files)
     table = load_split(path)
     if split not in table:
-        raise ValueError(f"unknown split {split!r}; {path} has {sorted(table)}")
+        raise InvalidInputError(f"unknown split {split!r}; {path} has {sorted(table)}")
     return list(table[split])
 
 
@@ -135,10 +145,7 @@ def split_subjects(files: list[Path], split: str, split_file: PathLike | None = 
 
 def open_parquet(path: PathLike) -> pq.ParquetFile:
     """Open one parquet file and check it has the RadGenome columns with compatible types."""
-    try:
-        parquet_file = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise SchemaError(f"{path}: not a readable parquet file ({exc})") from None
+    parquet_file = open_parquet_file(path, "RadGenome parquet file")
     schema = parquet_file.schema_arrow
     missing = [c for c in RADGENOME_COLUMNS if c not in schema.names]
     if missing:
@@ -261,8 +268,8 @@ def load_radgenome(data_files_or_dir: PathLike | Sequence[PathLike], split: str 
             cache_dir=None if cache_dir is None else str(cache_dir))
     except Exception as exc:  # datasets wraps reader errors in a generic message; surface the cause
         cause = exc.__cause__ or exc
-        raise SchemaError(f"could not read RadGenome parquet files {[str(f) for f in files]}: "
-                          f"{type(cause).__name__}: {cause}") from exc
+        raise CorruptFileError(f"could not read RadGenome parquet files {[str(f) for f in files]}: "
+                               f"{type(cause).__name__}: {cause}") from exc
     return _finish(dataset, streaming, decode, skip_empty)
 
 
@@ -272,7 +279,7 @@ def _no_rows():
 
 def _any_subject_in(files: list[Path], ids: pa.Array) -> bool:
     for path in files:
-        subjects = pq.read_table(path, columns=["subject_id"]).column(0)
+        subjects = read_parquet_table(path, ["subject_id"], "RadGenome parquet file").column(0)
         if pc.any(pc.is_in(subjects, value_set=ids)).as_py():
             return True
     return False
@@ -293,9 +300,17 @@ def iter_subject_records(data_files_or_dir: PathLike | Sequence[PathLike], split
 
     With ``skip_empty`` (default) volumes without foreground are dropped, subjects left
     with none are not yielded, and one :class:`EmptyVolumeWarning` gives the counts.
+    Missing or damaged files, and a bad split, are reported by this call, before any
+    subject is read.
     """
     files = resolve_parquet_files(data_files_or_dir)
     wanted = None if split is None else set(split_subjects(files, split, split_file))
+    for path in files:
+        open_parquet(path)  # a damaged last file fails now, not after the first subjects were used
+    return _iter_records(files, wanted, skip_empty)
+
+
+def _iter_records(files: list[Path], wanted: set[str] | None, skip_empty: bool) -> Iterator[SubjectRecord]:
     empty_volumes = empty_subjects = 0
     try:
         for path in files:
@@ -308,7 +323,8 @@ def iter_subject_records(data_files_or_dir: PathLike | Sequence[PathLike], split
                             continue
                     rows = parquet_file.read_row_group(group, columns=list(RADGENOME_COLUMNS)).to_pylist()
                 except (pa.ArrowException, OSError) as exc:
-                    raise SchemaError(f"{path}: row group {group} cannot be read ({exc})") from None
+                    raise CorruptFileError(f"{path}: row group {group} cannot be read; the file is damaged "
+                                           f"({exc})") from exc
                 for row in rows:
                     if wanted is not None and row["subject_id"] not in wanted:
                         continue

@@ -34,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import InvalidInputError
+
 SPLIT_FILE_NAME = "train_val_test_split_subject.json"
 
 RADGENOME_ARROW_SCHEMA = pa.schema([
@@ -50,8 +52,8 @@ RADGENOME_ARROW_SCHEMA = pa.schema([
 RADGENOME_COLUMNS = tuple(RADGENOME_ARROW_SCHEMA.names)
 
 
-class SchemaError(ValueError):
-    """A row or file does not follow the RadGenome schema."""
+class SchemaError(InvalidInputError):
+    """A row, record or file does not follow the RadGenome schema (the message names the file or subject)."""
 
 
 def modality_code(modality_name: str) -> str:
@@ -91,6 +93,10 @@ class SubjectRecord:
         for code, vol in self.volumes.items():
             if vol is None:
                 raise SchemaError(f"subject {self.subject_id!r}: modality {code!r} is listed without an image")
+            if not isinstance(vol, np.ndarray) or not _is_real_number_dtype(vol.dtype):
+                kind = f"dtype {vol.dtype}" if isinstance(vol, np.ndarray) else type(vol).__name__
+                raise SchemaError(f"subject {self.subject_id!r}: modality {code!r} must be a numpy array of real "
+                                  f"intensities, got {kind}")
             if vol.ndim != 3:
                 raise SchemaError(f"subject {self.subject_id!r}: modality {code!r} must be 3-D (z, y, x), got {vol.shape}")
             if shape is None:
@@ -100,12 +106,22 @@ class SubjectRecord:
                     f"subject {self.subject_id!r}: modality {code!r} has shape {vol.shape}, expected {shape} like the others")
             if not np.all(np.isfinite(vol)):
                 raise SchemaError(f"subject {self.subject_id!r}: modality {code!r} contains NaN or Inf")
+        if self.mask is not None and (not isinstance(self.mask, np.ndarray)
+                                      or not _is_real_number_dtype(self.mask.dtype)):
+            raise SchemaError(f"subject {self.subject_id!r}: mask must be a numpy array of real numbers")
         if self.mask is not None and self.mask.shape != shape:
             raise SchemaError(f"subject {self.subject_id!r}: mask shape {self.mask.shape} != volume shape {shape}")
 
 
+def _is_real_number_dtype(dtype: np.dtype) -> bool:
+    """Integers, floats and booleans; not complex, strings, objects or structured (RGB) types."""
+    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == np.bool_
+
+
 def record_to_row(record: SubjectRecord) -> dict:
     """Encode a :class:`SubjectRecord` as one parquet row (dict of column -> value)."""
+    if not isinstance(record, SubjectRecord):
+        raise InvalidInputError(f"expected a SubjectRecord, got {type(record).__name__}")
     record.validate()
     z, y, x = record.shape_zyx
     header = {"spacing": [float(s) for s in record.spacing], "direction": [float(d) for d in record.direction],
@@ -174,10 +190,9 @@ def write_cohort(records, out_dir: str | os.PathLike, split: dict[str, list[str]
     Everything is written into a temporary sibling directory that is renamed into place at
     the end, so an interrupted run never leaves a half-written cohort.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
-    from ..utils.atomic import atomic_directory
+    from ..utils.atomic import atomic_directory, check_output_dir
+
+    out_dir = check_output_dir(out_dir, "cohort directory", overwrite)
 
     with atomic_directory(out_dir) as tmp:
         rows, subjects, chunk = [], [], 0

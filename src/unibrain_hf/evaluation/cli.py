@@ -3,8 +3,9 @@
 Writes into ``--out``: ``metrics.json`` (numbers, baselines, per-subject records, settings),
 ``summary.md`` (Markdown tables that put each metric next to its baseline), ``panels/*.png``,
 ``images/*.png`` (2-D imputations, reusable with ``--replaced-by``), ``nifti/*.nii.gz`` (3-D mode)
-and ``predictions.jsonl`` (text tasks). Bad input (unknown split or modality, a cohort without
-the requested sequences, an empty split) exits with code 2 and says what is available.
+and ``predictions.jsonl`` (text tasks). Bad input (a missing or damaged file, an unknown split or
+modality, a cohort without the requested sequences, an empty split, a device this machine lacks)
+exits with code 2 before the model is loaded, naming the flag and saying what is available.
 
     unibrain eval --pipeline out/pipeline --cohort out/cohort --task generation --modalities-in t1n t2w --modalities-out t2f --out out/eval/gen
     unibrain eval --pipeline out/pipeline --cohort out/cohort --task generation --modalities-in t1n --modalities-out t2f --mode 3d --slice-stride 2 --out out/eval/gen3d
@@ -19,7 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import InputFileNotFoundError, InvalidInputError, UniBrainError
+from ..utils.atomic import check_output_dir
 from ..utils.cli_types import non_negative_int, positive_int
+from ..utils.readers import check_pipeline_directory, existing_path, read_json
 
 TASKS = ("generation", "diagnosis", "unified")
 #: Exit status for input the evaluation cannot use (argparse uses the same code for bad flags).
@@ -95,40 +99,105 @@ def _check_task_flags(args) -> str | None:
         return "--replaced-by is for --task diagnosis"
     if args.max_new_tokens is not None and args.task == "generation":
         return "--max-new-tokens is for the text tasks (diagnosis, unified)"
+    for flag, codes in (("--modalities-in", args.modalities_in), ("--modalities-out", args.modalities_out)):
+        repeated = sorted({code for code in codes if codes.count(code) > 1})
+        if repeated:
+            return f"{flag} lists {' '.join(repeated)} more than once"
+    both = [code for code in args.modalities_out if code in args.modalities_in]
+    if both:
+        return f"{' '.join(both)} is in both --modalities-in and --modalities-out; a target must be a missing sequence"
     return None
+
+
+def _check_device(text: str | None) -> None:
+    """``--device`` names a device torch knows and this machine has (checked before the model loads)."""
+    if text is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise InvalidInputError(f"--device {text!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(device.type, True):
+        raise InvalidInputError(f"--device {text}: this machine has no {device.type} device (torch "
+                                f"{torch.__version__}); use --device cpu or run where one is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidInputError(f"--device {text}: there are only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_paths(args) -> None:
+    """Every path flag, before the cohort is indexed or the pipeline loaded (errors name the flag)."""
+    check_output_dir(args.out, "--out", args.overwrite, "--overwrite")
+    pipeline_dir = existing_path(args.pipeline, "--pipeline", kind="directory")
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise InputFileNotFoundError(f"--pipeline {pipeline_dir} has no model_index.json; it is not a pipeline "
+                                     f"directory (one written by save_pretrained or `unibrain convert`)")
+    check_pipeline_directory(pipeline_dir, "--pipeline")
+    existing_path(args.cohort, "--cohort", kind="directory")
+    if args.rules is not None:
+        read_json(args.rules, "--rules")
+    if args.replaced_by is not None:
+        replaced_by = existing_path(args.replaced_by, "--replaced-by", kind="directory")
+        if not any(replaced_by.glob("*.png")) and not any(replaced_by.glob("images/*.png")):
+            raise InputFileNotFoundError(f"--replaced-by {replaced_by} holds no <subject>-<modality>.png images "
+                                         f"(nor an images/ folder of them, as a 2-D generation run writes)")
+    _check_device(args.device)
+
+
+def _check_cohort(args, index_cohort, select_subjects, also_required) -> None:
+    """The split and the modality codes exist in the cohort (metadata only, no volume is read)."""
+    from ..data.radgenome import load_split
+    from ..data.schema import SPLIT_FILE_NAME
+    from ..data.templates import CANONICAL_MODALITIES
+
+    split_file = Path(args.cohort) / SPLIT_FILE_NAME
+    splits = load_split(split_file)
+    if args.split not in splits:
+        raise InvalidInputError(f"--split {args.split!r} is not a split of {split_file}; it has "
+                                f"{', '.join(f'{name} ({len(ids)} subjects)' for name, ids in splits.items())}")
+    index = index_cohort(args.cohort, args.split)
+    known = list(dict.fromkeys([*CANONICAL_MODALITIES, *index.all_modalities]))
+    for flag, codes in (("--modalities-in", args.modalities_in), ("--modalities-out", args.modalities_out)):
+        unknown = [code for code in codes if code not in known]
+        if unknown:
+            raise InvalidInputError(f"{flag} {' '.join(unknown)}: not a modality code; known codes are "
+                                    f"{', '.join(CANONICAL_MODALITIES)} and this cohort has "
+                                    f"{', '.join(index.all_modalities)}")
+    select_subjects(index, args.modalities_in, args.modalities_out, also_required=also_required)
 
 
 def run(args: argparse.Namespace) -> int:
     problem = _check_task_flags(args)
     if problem:
         return _fail(problem)
-    out_dir = Path(args.out)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not args.overwrite)):
-        return _fail(f"{out_dir} exists and is not an empty directory (pass --overwrite to write into it)")
-    pipeline_dir = Path(args.pipeline)
-    if not (pipeline_dir / "model_index.json").is_file():
-        return _fail(f"{pipeline_dir} is not a pipeline directory (no model_index.json)")
 
     from .diagnosis import DiagnosisRules
     from .tasks import DIAGNOSIS_ALSO_REQUIRED, EvaluationInputError, index_cohort, run_task, select_subjects
 
     rules = None
-    if args.rules is not None:
-        try:
-            rules = DiagnosisRules.from_json(args.rules)
-        except (OSError, ValueError) as error:
-            return _fail(f"--rules {args.rules}: {error}")
     try:
+        _check_paths(args)
+        if args.rules is not None:
+            try:
+                rules = DiagnosisRules.from_json(args.rules)
+            except (OSError, ValueError) as error:
+                raise InvalidInputError(f"--rules {args.rules}: {error}") from error
         # Checking the cohort first reports a wrong split, cohort or modality before the model is loaded.
         also_required = DIAGNOSIS_ALSO_REQUIRED if args.task == "diagnosis" else ()
-        select_subjects(index_cohort(args.cohort, args.split), args.modalities_in, args.modalities_out,
-                        also_required=also_required)
-    except EvaluationInputError as error:
+        _check_cohort(args, index_cohort, select_subjects, also_required)
+    except (EvaluationInputError, UniBrainError) as error:
         return _fail(str(error))
 
     from ..pipelines.pipeline_unibrain import UniBrainPipeline
 
-    pipe = UniBrainPipeline.from_pretrained(str(pipeline_dir))
+    out_dir = Path(args.out)
+    try:
+        pipe = UniBrainPipeline.from_pretrained(str(args.pipeline))
+    except UniBrainError as error:
+        return _fail(f"--pipeline {args.pipeline}: {error}")
     if args.device:
         pipe = pipe.to(args.device)
     # One bar over subjects is enough; the pipeline's per-image bars would interleave with it.
@@ -147,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
                       max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps)
     try:
         result = run_task(args.task, pipe, args.cohort, **common, **kwargs)
-    except EvaluationInputError as error:
+    except (EvaluationInputError, UniBrainError) as error:
         return _fail(str(error))
     summary = out_dir / "summary.md"
     if args.quiet:

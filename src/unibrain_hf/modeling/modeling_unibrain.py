@@ -423,14 +423,54 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Like ``PreTrainedModel.from_pretrained``; a local pipeline directory loads its ``model/`` folder."""
-        import os
+        """Like ``PreTrainedModel.from_pretrained``, from safetensors only; a pipeline directory loads its ``model/``.
 
-        path = str(pretrained_model_name_or_path)
-        if ("subfolder" not in kwargs and os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json"))
-                and os.path.exists(os.path.join(path, "model", "config.json"))):
-            kwargs["subfolder"] = "model"
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        ``use_safetensors`` defaults to True and False is refused: a folder holding only pickles
+        (``pytorch_model.bin``) is refused by name without being opened. A local folder is checked
+        before the model is built (``config.json`` readable, every ``*.safetensors`` file or shard
+        present and complete), so a half-copied checkpoint is reported with the damaged file's path.
+        """
+        import os
+        import re
+
+        try:  # this file also ships as Hub remote code, where the package may not be installed
+            from unibrain_hf.errors import CorruptFileError, InputFileNotFoundError, InvalidInputError
+            from unibrain_hf.utils.readers import check_pretrained_weights
+        except ImportError:
+            CorruptFileError, InputFileNotFoundError, InvalidInputError = OSError, FileNotFoundError, ValueError
+            check_pretrained_weights = None
+
+        if kwargs.get("use_safetensors") is False:
+            raise InvalidInputError("use_safetensors=False is not supported: UniBrain weights load only from "
+                                    "safetensors, because pickle files (pytorch_model.bin) can run code when opened")
+        kwargs["use_safetensors"] = True
+        if pretrained_model_name_or_path is None:  # config= and state_dict= given directly
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        path = os.path.expanduser(str(pretrained_model_name_or_path))
+        if os.path.isdir(path):
+            pretrained_model_name_or_path = path
+            if ("subfolder" not in kwargs and not os.path.exists(os.path.join(path, "config.json"))
+                    and os.path.exists(os.path.join(path, "model", "config.json"))):
+                kwargs["subfolder"] = "model"
+            if check_pretrained_weights is not None and kwargs.get("state_dict") is None:
+                check_pretrained_weights(os.path.join(path, kwargs.get("subfolder") or ""))
+        elif (not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) or os.path.isdir(path.split("/")[0])
+              or os.path.exists(path)):
+            # Not a Hub repo id ("owner/name"), or it starts at a local folder: a local path, missing or a file.
+            error, state = ((InvalidInputError, "is a file, not a directory") if os.path.exists(path)
+                            else (InputFileNotFoundError, "does not exist"))
+            raise error(f"model directory {path} {state} (a saved model folder, a pipeline directory or a Hub repo "
+                        f"id 'owner/name' is expected)")
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as exc:
+            if type(exc).__name__ == "SafetensorError":  # a damaged Hub download; local folders were checked
+                raise CorruptFileError(f"a safetensors file of {path} is damaged or truncated ({exc}); delete it "
+                                       f"from the Hugging Face cache and download it again") from exc
+            if isinstance(exc, OSError) and not os.path.isdir(path) and not isinstance(exc, CorruptFileError):
+                raise InputFileNotFoundError(f"{path} is not a local folder, and loading it as a Hub repo id failed "
+                                             f"(safetensors weights only): {exc}") from exc
+            raise
 
     # ------------------------------------------------------------------ helpers
     def get_input_embeddings(self):

@@ -2,7 +2,8 @@
 
 Every writer of a directory in this package (cohorts, converted checkpoints, training checkpoints,
 exported pipelines) goes through :func:`atomic_directory`, so an interrupted or failed run never
-leaves a half-written result where a complete one is expected.
+leaves a half-written result where a complete one is expected; :func:`check_output_dir` refuses an
+occupied output location before any work starts.
 
     python -c "from unibrain_hf.utils.atomic import atomic_directory; help(atomic_directory)"
 """
@@ -14,6 +15,24 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from ..errors import InvalidInputError, OutputExistsError
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output directory", overwrite: bool = False,
+                     option: str = "overwrite=True") -> Path:
+    """``path`` if it can be written as a directory: absent, empty, or non-empty with ``overwrite``.
+
+    Called before any work, so a run never stops at the end on its output location. ``what``
+    and ``option`` are how the message names the location and the way to replace it (a
+    command line passes its own words, e.g. ``"OUT_DIR"`` and ``"--overwrite"``).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"{what} {path} is a file; a directory is expected")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise OutputExistsError(path, what, option)
+    return path
 
 
 @contextmanager

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..protocol.tokens import SPECIAL_TOKENS
 from .image_transforms import StrideResize
 from .packing import DropoutProbabilities, PackedBatch, PackingSpec, SequencePacker
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
-SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 
 
 class UniBrainProcessor:

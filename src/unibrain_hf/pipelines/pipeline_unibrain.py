@@ -55,8 +55,8 @@ from ..utils.readers import refuse_pickled_weights
 from . import mri_io
 from .context import EncodedImage, InterleavedContext
 from .pipeline_output import UniBrainPipelineOutput
-from .sampler import GuidanceSettings, combine_guidance, flow_sigmas, set_flow_timesteps
-from .settings import CallSettings
+from .sampler import GuidanceSettings, check_scheduler, combine_guidance, flow_sigmas, set_flow_timesteps
+from .settings import IMAGE_TASKS, CallSettings
 
 
 def _register_processor_with_diffusers() -> None:
@@ -212,6 +212,8 @@ class UniBrainPipeline(DiffusionPipeline):
             raise InvalidInputError(f"callback_on_step_end must be callable; got {type(callback_on_step_end).__name__}")
         settings = CallSettings.from_arguments(batch_size=len(rows), input_modalities=tuple(rows[0]),
                                                allowed_callback_inputs=self._callback_tensor_inputs, **arguments)
+        if settings.task in IMAGE_TASKS:
+            check_scheduler(self.scheduler)
         return settings, rows
 
     def prepare_inputs(self, rows: list[dict], settings: CallSettings) -> list[dict[str, mri_io.PreparedSlice]]:
@@ -721,6 +723,7 @@ class UniBrainPipeline(DiffusionPipeline):
                                                allowed_callback_inputs=self._callback_tensor_inputs,
                                                target_modalities=target_modalities, axis=axis, output_type="np",
                                                **call_kwargs)
+        check_scheduler(self.scheduler)
         volumes = {code: mri_io.load_volume(value, f"nifti_in[{code!r}]") for code, value in row.items()}
         shapes = {code: volume.data.shape for code, volume in volumes.items()}
         if len(set(shapes.values())) > 1:

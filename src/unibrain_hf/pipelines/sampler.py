@@ -36,18 +36,22 @@ def flow_sigmas(num_inference_steps: int, shift: float) -> torch.Tensor:
     return shift * grid / (1 + (shift - 1) * grid)
 
 
-def set_flow_timesteps(scheduler, sigmas: torch.Tensor, device) -> torch.Tensor:
-    """Give ``scheduler`` the non-zero grid points as custom sigmas and return its timesteps.
+def check_scheduler(scheduler) -> None:
+    """Refuse, by name, a scheduler that cannot run UniBrain's grid (its ``set_timesteps`` takes no ``sigmas``).
 
-    The same check as diffusers' ``retrieve_timesteps`` (which each diffusers pipeline copies
-    into its own module rather than exporting): a scheduler whose ``set_timesteps`` cannot take
-    ``sigmas`` cannot run UniBrain's grid, so it is refused by name.
+    The same check as diffusers' ``retrieve_timesteps``, which each diffusers pipeline copies into
+    its own module rather than exporting.
     """
     if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
         raise InvalidInputError(f"the scheduler {type(scheduler).__name__} does not accept custom sigmas in "
                                 f"set_timesteps; use a flow-matching scheduler that does (e.g. "
                                 f"FlowMatchEulerDiscreteScheduler)")
-    scheduler.set_timesteps(sigmas=sigmas[:-1].tolist(), device=device)
+
+
+def set_flow_timesteps(scheduler, sigmas: torch.Tensor, device) -> torch.Tensor:
+    """Give ``scheduler`` the non-zero grid points as custom sigmas; returns its timesteps (sigma × 1000)."""
+    check_scheduler(scheduler)
+    scheduler.set_timesteps(sigmas=sigmas[:-1].cpu().numpy(), device=device)
     return scheduler.timesteps
 
 

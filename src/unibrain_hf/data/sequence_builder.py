@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from unibrain_hf.protocol import templates
-from unibrain_hf.protocol.diagnosis import ground_truth_class as reference_diagnosis_label
-from unibrain_hf.protocol.diagnosis import is_correct as diagnosis_is_correct
+from unibrain_hf.protocol.diagnosis import ground_truth_class as reference_diagnosis_label  # noqa: F401
+from unibrain_hf.protocol.diagnosis import is_correct as diagnosis_is_correct  # noqa: F401
 from unibrain_hf.protocol.prompts import (  # noqa: F401  (re-exported for older imports)
     _check_probability,
     _pick,

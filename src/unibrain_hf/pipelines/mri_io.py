@@ -56,7 +56,7 @@ def image_rows(images, name: str = "images") -> list[dict]:
     if not rows:
         raise InvalidInputError(f"{name} is an empty list; pass a dict {{modality: slice or volume}} or a list of them")
     for index, row in enumerate(rows):
-        where = name if rows is not images else f"{name}[{index}]"
+        where = f"{name}[{index}]" if len(rows) > 1 else name
         if not isinstance(row, dict) or not row:
             raise InvalidInputError(f"{where} must be a non-empty dict {{modality code: slice or volume}}; "
                                     f"got {type(row).__name__}")

@@ -218,7 +218,7 @@ class UniBrainPipeline(DiffusionPipeline):
 
     def prepare_inputs(self, rows: list[dict], settings: CallSettings) -> list[dict[str, mri_io.PreparedSlice]]:
         """One prepared slice per modality and output row (rows repeated ``num_images_per_prompt`` times)."""
-        batched = isinstance(rows, list) and len(rows) > 1
+        batched = len(rows) > 1
         prepared, shapes = [], {}
         for index, row in enumerate(rows):
             slice_index = settings.slice_indices[index]
@@ -710,6 +710,8 @@ class UniBrainPipeline(DiffusionPipeline):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise InvalidInputError("impute_volume takes one torch.Generator (slices draw from it in order)")
         callback = call_kwargs.pop("callback_on_step_end", None)
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            call_kwargs["callback_on_step_end_tensor_inputs"] = callback.tensor_inputs
         allowed = set(inspect.signature(CallSettings.from_arguments).parameters) - {
             "batch_size", "input_modalities", "allowed_callback_inputs", "target_modalities", "axis"}
         unknown = sorted(set(call_kwargs) - allowed)

@@ -117,6 +117,28 @@ class _RowsResult:
     diagnosis: list[str] | None = None
     answer: list[str] | None = None
 
+    TEXTS = ("impression", "diagnosis", "answer")
+
+    def extend(self, other: "_RowsResult") -> None:
+        """Append another group's rows."""
+        for name in ("images", "thinking"):
+            for code, values in getattr(other, name).items():
+                getattr(self, name).setdefault(code, []).extend(values)
+        for name in self.TEXTS:
+            if getattr(other, name) is not None:
+                setattr(self, name, (getattr(self, name) or []) + list(getattr(other, name)))
+
+    def in_row_order(self, rows: list[int]) -> "_RowsResult":
+        """Entry i belongs to row ``rows[i]``; return the entries sorted by row."""
+        order = sorted(range(len(rows)), key=rows.__getitem__)
+
+        def pick(values):
+            return None if values is None else [values[i] for i in order]
+
+        return _RowsResult({code: pick(v) for code, v in self.images.items()},
+                           {code: pick(v) for code, v in self.thinking.items()},
+                           *(pick(getattr(self, name)) for name in self.TEXTS))
+
 
 class UniBrainPipeline(DiffusionPipeline):
     r"""Interleaved brain-MRI imputation and understanding with UniBrain (BAGEL-7B-MoT).
@@ -613,69 +635,53 @@ class UniBrainPipeline(DiffusionPipeline):
         self._interrupt = False
 
         # 2. Run the task over the rows, then shape the output like diffusers does.
-        results = self._run(prepared, settings, generator, latents, posterior_eps, callback_on_step_end)
+        output = self._run(prepared, settings, generator, latents, posterior_eps, callback_on_step_end)
         self.maybe_free_model_hooks()
-        output = self._output(results, settings)
         if not settings.return_dict:
             return (output.images, output.thinking, output.impression, output.diagnosis, output.diagnosis_label,
                     output.answer)
         return output
 
     def _run(self, prepared: list[dict], settings: CallSettings, generator=None, latents=None, posterior_eps=None,
-             callback_on_step_end=None) -> list[_RowsResult]:
-        """Run the task's method on groups of rows that can share one context; one result per output row.
+             callback_on_step_end=None) -> UniBrainPipelineOutput:
+        """Run the task's method on groups of rows that can share one context; returns the call's output.
 
         Without thinking, ``generation`` rows under one prompt are denoised together in one batched
         context; every other task runs row by row (texts differ in length), with the same outputs.
         """
         task_method = {"generation": self._generate, "unified": self._unified, "diagnosis": self._diagnosis,
                        "report": self._report, "answer": self._answer}[settings.task]
-        num_rows = len(prepared)
         if settings.task == "generation" and not settings.think:
             groups: dict[Any, list[int]] = {}
-            for row in range(num_rows):
+            for row in range(len(prepared)):
                 groups.setdefault(settings.prompt_for(row), []).append(row)
             row_groups = list(groups.values())
         else:
-            row_groups = [[row] for row in range(num_rows)]
-        results: list[_RowsResult | None] = [None] * num_rows
+            row_groups = [[row] for row in range(len(prepared))]
+        collected, order = _RowsResult(), []
         for indices in row_groups:
-            if isinstance(generator, list):
-                group_generator = [generator[row] for row in indices]
-                group_generator = group_generator[0] if len(indices) == 1 else group_generator
-            else:
-                group_generator = generator
+            group_generator = [generator[row] for row in indices] if isinstance(generator, list) else generator
+            if isinstance(group_generator, list) and len(group_generator) == 1:
+                group_generator = group_generator[0]  # one row with its own generator: exactly a single call
             rows = _Rows(slices={code: [prepared[row][code] for row in indices] for code in prepared[0]},
                          generator=group_generator,
                          latents={code: value[indices] for code, value in (latents or {}).items()},
                          posterior_eps={code: value[indices] for code, value in (posterior_eps or {}).items()},
                          prompt=settings.prompt_for(indices[0]))
-            result = task_method(rows, settings, callback_on_step_end)
-            for position, row in enumerate(indices):
-                results[row] = _RowsResult(
-                    images={code: [values[position]] for code, values in result.images.items()},
-                    thinking={code: [values[position]] for code, values in result.thinking.items()},
-                    **{name: None if getattr(result, name) is None else [getattr(result, name)[position]]
-                       for name in ("impression", "diagnosis", "answer")})
-        return results
+            collected.extend(task_method(rows, settings, callback_on_step_end))
+            order += indices
+        return self._output(collected.in_row_order(order), settings)
 
-    def _output(self, results: list[_RowsResult], settings: CallSettings) -> UniBrainPipelineOutput:
+    def _output(self, result: _RowsResult, settings: CallSettings) -> UniBrainPipelineOutput:
         """Per-row results → batches in ``output_type`` form (see [`UniBrainPipelineOutput`])."""
-        def column(name):
-            values = [getattr(result, name) for result in results]
-            return None if values[0] is None else [value[0] for value in values]
-
-        images = {code: _batch([result.images[code][0] for result in results], settings.output_type)
-                  for code in settings.target_modalities}
-        thinking = ({code: [result.thinking[code][0] for result in results] for code in settings.target_modalities}
-                    if settings.think else {})
-        diagnosis = column("diagnosis")
-        labels = None if diagnosis is None else [parse_diagnosis_label(text) for text in diagnosis]
+        images = {code: _batch(result.images[code], settings.output_type) for code in settings.target_modalities}
+        thinking = dict(result.thinking)
+        labels = None if result.diagnosis is None else [parse_diagnosis_label(text) for text in result.diagnosis]
         if settings.single_target:
             (target,) = settings.target_modalities
             images, thinking = images[target], thinking.get(target)
-        return UniBrainPipelineOutput(images=images, thinking=thinking, impression=column("impression"),
-                                      diagnosis=diagnosis, diagnosis_label=labels, answer=column("answer"))
+        return UniBrainPipelineOutput(images=images, thinking=thinking, impression=result.impression,
+                                      diagnosis=result.diagnosis, diagnosis_label=labels, answer=result.answer)
 
     # ------------------------------------------------------------------ 5. volumes
     @torch.no_grad()
@@ -742,15 +748,14 @@ class UniBrainPipeline(DiffusionPipeline):
                 indices = wanted[start:start + group]
                 prepared = [{code: mri_io.prepare_slice(volume.plane(i, axis), self.processor.vae_resize)
                              for code, volume in volumes.items()} for i in indices]
-                group_settings = dataclasses.replace(settings, batch_size=len(indices),
+                group_settings = dataclasses.replace(settings, batch_size=len(indices), single_target=False,
                                                      prompts=settings.prompts * len(indices),
                                                      slice_indices=(None,) * len(indices))
-                results = self._run(prepared, group_settings, generator, callback_on_step_end=callback)
+                output = self._run(prepared, group_settings, generator, callback_on_step_end=callback)
                 for code in settings.target_modalities:
-                    for i, result in zip(indices, results):
-                        index = [slice(None)] * 3
-                        index[plane_axis(settings.axis)] = i
-                        outputs[code][tuple(index)] = result.images[code][0]
+                    # "np" images are uint8 / 255 exactly, so rounding recovers the uint8 values.
+                    planes = np.round(output.images[code] * 255).astype(np.uint8)
+                    np.moveaxis(outputs[code], plane_axis(settings.axis), 0)[indices] = planes
                 progress.update(len(indices))
         reference = next(iter(volumes.values()))
         images = {code: reference.to_input_frame(data) for code, data in outputs.items()}

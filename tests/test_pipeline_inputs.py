@@ -124,6 +124,9 @@ def test_slice_index_is_checked_against_the_training_frame(pipe):
         pipe(images={"t1n": image}, slice_index=1, axis=2, target_modalities="t2w", **FAST)
     with pytest.raises(InvalidInputError, match="no input .* is a volume"):
         pipe(images={"t1n": mri_slice()}, slice_index=1, target_modalities="t2w", **FAST)
+    # a row may mix a volume with a 2-D slice of the same plane: slice_index concerns the volume
+    mixed = pipe(images={"t1n": image, "t2w": mri_slice()}, slice_index=1, target_modalities="t2f", **FAST)
+    assert mixed.images[0].size == (40, 30)
 
 
 # --------------------------------------------------------------------------- inputs that work

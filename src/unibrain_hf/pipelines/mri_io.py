@@ -272,9 +272,7 @@ def load_slice(value, name: str, vae_resize, slice_index: int | None = None, axi
         _check_finite_and_varying(_take(canonical, slice_index, axis, name), f"{name} slice {slice_index}")
         # Scale with whole-volume statistics, as UniBrain does, then keep the one plane.
         plane = _take(_scale_volume(canonical, name), slice_index, axis, name)
-    else:
-        if slice_index is not None:
-            raise InvalidInputError(f"slice_index is set but {name} is a 2-D slice, not a volume")
+    else:  # a 2-D slice is one plane already; slice_index and axis concern volumes only
         plane = _scale_slice(_slice_array(value, name), name)
     return prepare_slice(np.ascontiguousarray(plane), vae_resize)
 

@@ -127,7 +127,7 @@ def run_unified(pipe, targets, max_new_tokens: int) -> dict:
 
     reset_ok = _reset_peak_rss()
     start = time.perf_counter()
-    output = pipe(images={"t1n": image}, target_modalities=list(targets), task="unified", num_inference_steps=10,
+    output = pipe(images={"t1n": image}, target_modalities=list(targets), task="unified", num_grid_points=10,
                   max_new_tokens=max_new_tokens, generator=torch.Generator().manual_seed(SEED),
                   callback_on_step_end=timer, callback_on_step_end_tensor_inputs=["target_modality", "context"])
     total = time.perf_counter() - start
@@ -138,9 +138,9 @@ def run_unified(pipe, targets, max_new_tokens: int) -> dict:
         denoise_seconds[code] = round(times[-1] - times[0] + mean_step, 3)
     return {"targets": len(targets), "total_s": round(total, 2), "denoise_s_per_target": denoise_seconds,
             "peak_rss_mib": round(peak, 1), "context_at_image": context_lengths,
-            "thinking_tokens": {code: len(pipe.tokenize(text)) for code, text in output.thinking.items()},
-            "impression_tokens": len(pipe.tokenize(output.impression)),
-            "diagnosis_tokens": len(pipe.tokenize(output.diagnosis))}
+            "thinking_tokens": {code: len(pipe.tokenize(texts[0])) for code, texts in output.thinking.items()},
+            "impression_tokens": len(pipe.tokenize(output.impression[0])),
+            "diagnosis_tokens": len(pipe.tokenize(output.diagnosis[0]))}
 
 
 def main(argv=None) -> None:

@@ -125,7 +125,7 @@ class _ScriptedPipe:
         self.seeds.append(generator.initial_seed())
         value = self.values[(len(self.seeds) - 1) % len(self.values)]
         shape = next(iter(images.values())).shape
-        return UniBrainPipelineOutput(images={t: Image.fromarray(np.full(shape, value, np.uint8))
+        return UniBrainPipelineOutput(images={t: [Image.fromarray(np.full(shape, value, np.uint8))]
                                               for t in target_modalities})
 
 

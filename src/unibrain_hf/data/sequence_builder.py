@@ -1,6 +1,6 @@
 """Turn one subject into one interleaved training sample (a sequence plan), as UniBrain does.
 
-Two training tasks and the evaluation prompts:
+Two training tasks:
 
 * :func:`build_unified_sample` — stage 2/3 ("medical_edit"): from one random input sequence
   of one axial slice, translate into a random ordered subset of the subject's other
@@ -9,7 +9,8 @@ Two training tasks and the evaluation prompts:
 * :func:`build_recon_sample` — stage 1 (self-alignment, "medical_recon"): a ViT copy of a
   random slice (random axis and rotation), a generic describe-the-image prompt, and a noisy
   VAE copy of the same slice to reconstruct.
-* ``build_eval_*`` / ``build_unified_*`` — the fixed prompts of the evaluation tasks.
+The texts themselves (questions, thinking, answers, the evaluation prompts) come from
+:mod:`unibrain_hf.protocol.prompts`; their names are re-exported here for older imports.
 
 Every random choice comes from one ``numpy.random.Generator`` (or an int seed), so the
 same seed gives the same plan. Condition dropout is *not* applied here: it happens when
@@ -21,13 +22,35 @@ it (every text and clean image True — loss-carrying texts included — noisy V
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from numbers import Real
 
 import numpy as np
 
-from unibrain_hf.data import templates
+from unibrain_hf.protocol import templates
+from unibrain_hf.protocol.diagnosis import ground_truth_class as reference_diagnosis_label  # noqa: F401
+from unibrain_hf.protocol.diagnosis import is_correct as diagnosis_is_correct  # noqa: F401
+from unibrain_hf.protocol.prompts import (  # noqa: F401  (re-exported for older imports)
+    _check_probability,
+    _pick,
+    as_generator,
+    build_eval_diagnosis_prompt,
+    build_eval_generation_prompt,
+    build_unified_diagnosis_prompt,
+    build_unified_impression_prompt,
+    build_unified_instructions,
+    build_unified_next_target_prompt,
+    diagnosis_answer,
+    diagnosis_question,
+    impression_answer,
+    impression_question,
+    join_diseases,
+    join_with_and,
+    modality_display_name,
+    size_rewrite,
+    think_text,
+    translation_question,
+    translation_think,
+)
 from unibrain_hf.data.intensity import (
     lesion_bbox_size,
     lesion_slice_indices,
@@ -100,145 +123,8 @@ class BuiltSample:
 
 
 # --------------------------------------------------------------------------------------
-# Randomness helpers
+# Plan items
 # --------------------------------------------------------------------------------------
-
-def as_generator(rng) -> np.random.Generator:
-    """Accept a ``numpy.random.Generator`` or an int seed (same seed -> same draws)."""
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
-        return np.random.default_rng(int(rng))
-    raise ValueError(f"rng must be a numpy.random.Generator or an int seed; got {type(rng).__name__}")
-
-
-def _pick(rng: np.random.Generator, options):
-    return options[int(rng.integers(len(options)))]
-
-
-def _check_probability(name: str, value) -> float:
-    if not isinstance(value, Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1]; got {value!r}")
-    return float(value)
-
-
-# --------------------------------------------------------------------------------------
-# Text pieces
-# --------------------------------------------------------------------------------------
-
-def join_with_and(items) -> str:
-    """English list join: "A"; "A and B"; "A, B, and C" (Oxford comma); "" for none.
-
-    Reference detail kept: with two items, if the first already ends in ", " only "and "
-    is added (so ["A, ", "B"] gives "A, and B").
-    """
-    items = [str(item) for item in items]
-    if len(items) <= 1:
-        return items[0] if items else ""
-    if len(items) == 2:
-        return items[0] + ("and " if items[0].endswith(", ") else " and ") + items[1]
-    return ", ".join(items[:-1]) + ", and " + items[-1]
-
-
-def join_diseases(diseases) -> str:
-    """The diagnosis answer's disease list, joined like the reference ("A, B, and C")."""
-    if isinstance(diseases, str):
-        raise ValueError("diseases must be a list of names, not a single string")
-    return join_with_and(diseases)
-
-
-def modality_display_name(code: str, rng) -> str:
-    """A uniformly chosen spelling of a sequence code ("t2f" -> e.g. "T2 FLAIR").
-
-    A code without synonyms (e.g. "SWI") is used verbatim, so new sequences still produce
-    readable prompts; the reference would fail on it.
-    """
-    if not isinstance(code, str) or not code:
-        raise ValueError(f"modality code must be a non-empty string; got {code!r}")
-    synonyms = templates.MODALITY_SYNONYMS.get(code)
-    return code if synonyms is None else _pick(as_generator(rng), synonyms)
-
-
-def _noun_for(count: int, rng: np.random.Generator) -> str:
-    return _pick(rng, templates.PLURAL_NOUN_CHOICES if count > 1 else templates.SINGULAR_NOUN_CHOICES)
-
-
-def translation_question(inputs, targets, rng, drop_input_modality_prob: float = 0.0) -> str:
-    """Instruction to translate ``inputs`` into ``targets`` (sequence codes).
-
-    With probability ``drop_input_modality_prob`` the input names are left out, leaving
-    only the noun ("Translate the given scan into the corresponding T2W image.").
-    """
-    rng = as_generator(rng)
-    drop_input_modality_prob = _check_probability("drop_input_modality_prob", drop_input_modality_prob)
-    input_names = join_with_and([modality_display_name(code, rng) for code in inputs])
-    target_names = join_with_and([modality_display_name(code, rng) for code in targets])
-    input_prefix = "" if rng.random() < drop_input_modality_prob else input_names + " "
-    d_in = input_prefix + _noun_for(len(inputs), rng)
-    d_out = target_names + " " + _noun_for(len(targets), rng)
-    return _pick(rng, templates.TRANSLATION_QUESTION_TEMPLATES).format(d_in=d_in, d_out=d_out)
-
-
-def translation_think(inputs, targets, rng) -> str:
-    """The first sentence of a thinking text: a restatement of the translation (no drop)."""
-    rng = as_generator(rng)
-    input_names = join_with_and([modality_display_name(code, rng) for code in inputs])
-    target_names = join_with_and([modality_display_name(code, rng) for code in targets])
-    d_in = input_names + " " + _noun_for(len(inputs), rng)
-    d_out = target_names + " " + _noun_for(len(targets), rng)
-    return _pick(rng, templates.TRANSLATION_THINK_TEMPLATES).format(d_in=d_in, d_out=d_out)
-
-
-def impression_question(rng) -> str:
-    rng = as_generator(rng)
-    nouns = _pick(rng, templates.PLURAL_NOUN_CHOICES)
-    return _pick(rng, templates.IMPRESSION_QUESTION_TEMPLATES).format(nouns=nouns)
-
-
-def diagnosis_question(rng) -> str:
-    rng = as_generator(rng)
-    nouns = _pick(rng, templates.PLURAL_NOUN_CHOICES)
-    return _pick(rng, templates.DIAGNOSIS_QUESTION_TEMPLATES).format(nouns=nouns)
-
-
-# A 3-D size "a x b x c mm": separators are *, x, X or "by" (case-insensitive, so also
-# "BY"); the unicode multiplication sign and other units (cm) are not recognised, and
-# 2-D sizes are left alone — exactly the reference's pattern.
-_NUMBER = r"(\d+(?:\.\d+)?)"
-_TIMES = r"\s*(?:\*|by|x|X)\s*"
-_SIZE_3D_MM = re.compile(_NUMBER + _TIMES + _NUMBER + _TIMES + _NUMBER + r"\s*mm", re.IGNORECASE)
-
-
-def size_rewrite(text: str, width_mm, height_mm) -> str:
-    """Replace every 3-D lesion size in millimetres with the slice's 2-D size.
-
-    "an enhancing mass of 41 x 32 x 20 mm" -> "an enhancing mass of 12.0 * 9.0 mm" for
-    width 12, height 9. Like the reference, nothing is rewritten unless the text contains
-    a lower-case "mm" somewhere (the size pattern itself ignores case, so "41 x 32 x 20 MM"
-    is rewritten only when another "mm" occurs in the same text).
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"text must be a str; got {type(text).__name__}")
-    for name, value in (("width_mm", width_mm), ("height_mm", height_mm)):
-        if not isinstance(value, Real) or not np.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite non-negative number; got {value!r}")
-    if "mm" not in text:
-        return text
-    replacement = f"{width_mm:.1f} * {height_mm:.1f} mm"
-    return _SIZE_3D_MM.sub(lambda _match: replacement, text)
-
-
-def think_text(inputs, target: str, findings: dict, lesion_size_mm, rng) -> str:
-    """``<think>`` + restatement + " " + finding of every input (sizes rewritten) + ``</think>``.
-
-    Missing findings contribute an empty string, so the separating space stays (the
-    reference text then has a space before ``</think>``).
-    """
-    sentence = translation_think(inputs, [target], rng)
-    width_mm, height_mm = lesion_size_mm
-    notes = "".join(" " + size_rewrite(findings.get(code) or "", width_mm, height_mm) for code in inputs)
-    return templates.THINK_OPEN + sentence + notes + templates.THINK_CLOSE
-
 
 def _text(text: str, loss: bool, role: str, **meta) -> PlanItem:
     item = text_item(text, loss=loss, enable_cfg=True)  # the reference's default for every text
@@ -354,8 +240,8 @@ def build_unified_sample(record: SubjectRecord, rng, *, gen_prob: float = REFERE
 
 
 def _understanding_tail(instruction_idx: int, record: SubjectRecord, rng) -> list[PlanItem]:
-    impression = templates.IMPRESSION_ANSWER_PREFIX + record.impression
-    diagnosis = templates.DIAGNOSIS_ANSWER_PREFIX + join_diseases(record.disease)
+    impression = impression_answer(record.impression)
+    diagnosis = diagnosis_answer(record.disease)
     if instruction_idx == 1:
         return [_text(impression_question(rng), False, "question"), _text(impression, True, "answer")]
     if instruction_idx == 2:
@@ -400,65 +286,3 @@ def build_recon_sample(record: SubjectRecord, rng) -> BuiltSample:
         items=items, task=RECON_TASK, subject_id=record.subject_id, slice_index=slice_index,
         input_modality=modality, target_modalities=[], gen=True, include_think=False, axis=axis,
         rotation_k=rotation_k, prompt_index=prompt_index)
-
-
-# --------------------------------------------------------------------------------------
-# Evaluation prompts (deterministic)
-# --------------------------------------------------------------------------------------
-
-def _check_code(code) -> str:
-    if not isinstance(code, str) or not code:
-        raise ValueError(f"modality code must be a non-empty string; got {code!r}")
-    return code
-
-
-def build_eval_generation_prompt(target_modality: str) -> str:
-    """Generation task (and first unified instruction): "Translate the attached MRI into its T2-FLAIR image."
-
-    The code is used raw except that the substring "t2f" becomes "T2-FLAIR".
-    """
-    target = _check_code(target_modality)
-    for old, new in templates.EVAL_GENERATION_TARGET_RENAMES:
-        target = target.replace(old, new)
-    return templates.EVAL_GENERATION_PROMPT_TEMPLATE.format(target=target)
-
-
-def build_eval_diagnosis_prompt() -> str:
-    """Diagnosis task: the single impression-and-diagnosis question after the input images."""
-    return templates.EVAL_DIAGNOSIS_PROMPT
-
-
-def build_unified_next_target_prompt(target_modality: str) -> str:
-    """Unified task, before every target after the first: "Translate the attached MRI images into t1c image."."""
-    return templates.UNIFIED_NEXT_TARGET_PROMPT_TEMPLATE.format(target=_check_code(target_modality))
-
-
-def build_unified_instructions(target_modalities) -> list[str]:
-    """Unified task: the instruction preceding each target, in order."""
-    targets = [_check_code(code) for code in target_modalities]
-    if not targets:
-        raise ValueError("the unified task needs at least one target modality")
-    return [build_eval_generation_prompt(targets[0])] + [build_unified_next_target_prompt(c) for c in targets[1:]]
-
-
-def build_unified_impression_prompt() -> str:
-    return templates.UNIFIED_IMPRESSION_PROMPT
-
-
-def build_unified_diagnosis_prompt() -> str:
-    return templates.UNIFIED_DIAGNOSIS_PROMPT
-
-
-def reference_diagnosis_label(subject_name: str) -> str:
-    """Ground-truth diagnosis class the evaluation derives from the subject name."""
-    if not isinstance(subject_name, str) or not subject_name:
-        raise ValueError(f"subject name must be a non-empty string; got {subject_name!r}")
-    for marker, label in templates.DIAGNOSIS_LABEL_RULES:
-        if marker in subject_name:
-            return label
-    return templates.DIAGNOSIS_FALLBACK_LABEL
-
-
-def diagnosis_is_correct(label: str, prediction: str) -> bool:
-    """The evaluation's scoring rule: the label occurs in the prediction, ignoring case."""
-    return label.lower() in prediction.lower()

@@ -58,7 +58,7 @@ DIAGNOSIS_ALSO_REQUIRED = ("t1n",)
 #: Pipeline arguments the tasks set themselves; passing them through ``**pipeline_kwargs`` is an error.
 RESERVED_PIPELINE_ARGUMENTS = ("images", "target_modalities", "task", "generator", "output_type", "return_dict",
                                "slice_index", "axis", "latents", "posterior_eps", "num_inference_steps",
-                               "max_new_tokens", "prompt")
+                               "max_new_tokens", "prompt", "num_grid_points")
 #: Panels of small slices are magnified to about this many pixels on their long side.
 PANEL_TARGET_PIXELS = 192
 #: At most this many training impressions are compared to pick the constant-impression baseline.
@@ -460,28 +460,28 @@ def _generate_slice(pipe, inputs: dict, targets: list[str], sample_time: int, se
     samples: dict[str, list[np.ndarray]] = {target: [] for target in targets}
     for sample in range(sample_time):
         output = pipe(images={code: _as_rgb(image) for code, image in inputs.items()}, target_modalities=targets,
-                      task="generation", num_inference_steps=num_inference_steps,
+                      task="generation", num_grid_points=num_inference_steps,
                       generator=_generator(seed, subject_id, sample), output_type="pil", **pipeline_kwargs)
         for target in targets:
-            samples[target].append(np.asarray(output.images[target], dtype=np.uint8))
+            samples[target].append(np.asarray(output.images[target][0], dtype=np.uint8))
     return {target: reference_ensemble(samples[target]) for target in targets}
 
 
 def _generate_volume(pipe, inputs: dict, targets: list[str], sample_time: int, seed: int, subject_id: str,
                      num_inference_steps: int, batch_size: int, pipeline_kwargs: dict) -> dict[str, np.ndarray]:
     """``sample_time`` slice-wise imputations of (z, y, x) uint8 volumes, averaged per target."""
-    import nibabel as nib
+    from ..protocol.orientation import to_training_frame, training_frame_nifti
 
-    # The arrays stay (z, y, x) and are sliced along axis 0, so each slice is the (y, x) image the
-    # 2-D mode feeds; the identity affine only carries the data, geometry is added when writing.
-    carriers = {code: nib.Nifti1Image(volume, np.eye(4)) for code, volume in inputs.items()}
+    # The (z, y, x) arrays are the training frame: axial slice k is the (y, x) image the 2-D mode feeds.
+    carriers = {code: training_frame_nifti(volume) for code, volume in inputs.items()}
     samples: dict[str, list[np.ndarray]] = {target: [] for target in targets}
     for sample in range(sample_time):
-        images = pipe.impute_volume(carriers, targets, axis=0, batch_size=batch_size, task="generation",
-                                    num_inference_steps=num_inference_steps,
+        images = pipe.impute_volume(carriers, targets, axis="axial", batch_size=batch_size, task="generation",
+                                    num_grid_points=num_inference_steps,
                                     generator=_generator(seed, subject_id, sample), **pipeline_kwargs)
         for target in targets:
-            samples[target].append(np.asarray(images[target].dataobj, dtype=np.uint8))
+            image = images[target]
+            samples[target].append(to_training_frame(np.asarray(image.dataobj, dtype=np.uint8), image.affine))
     return {target: reference_ensemble(samples[target], rgb=False) for target in targets}
 
 
@@ -714,9 +714,9 @@ def evaluate_diagnosis(pipe, cohort_dir, modalities_in, split: str = "test", rep
                 raise EvaluationInputError(f"subject {record.subject_id}: the images from {replacement_dir} do not "
                                            f"fit the real slices: {error}") from None
             raise
-        scored = score_diagnoses([record.subject_id], [output.diagnosis], rules)[0]
+        scored = score_diagnoses([record.subject_id], [output.diagnosis[0]], rules)[0]
         per_subject.append({**scored, "slice_index": int(slice_index), "replaced": sorted(replacements),
-                            "diagnosis": output.diagnosis})
+                            "diagnosis": output.diagnosis[0]})
         if out_dir is not None:
             columns = [(f"{code}{' (replaced)' if code in replacements else ''}", image)
                        for code, image in inputs.items()]
@@ -803,16 +803,16 @@ def evaluate_unified(pipe, cohort_dir, modalities_in, modalities_out, split: str
         inputs = {code: scaled[code][slice_index] for code in modalities_in}
         truths = {code: scaled[code][slice_index] for code in modalities_out}
         output = pipe(images={code: _as_rgb(image) for code, image in inputs.items()}, target_modalities=modalities_out,
-                      task="unified", num_inference_steps=num_inference_steps, max_new_tokens=max_new_tokens,
+                      task="unified", num_grid_points=num_inference_steps, max_new_tokens=max_new_tokens,
                       generator=_generator(seed, record.subject_id), output_type="pil", **pipeline_kwargs)
-        imputed = {t: reference_ensemble([np.asarray(output.images[t], dtype=np.uint8)]) for t in modalities_out}
-        scored = score_diagnoses([record.subject_id], [output.diagnosis], rules)[0]
-        rouge = image_metrics.rouge_scores([output.impression], [record.impression])
+        imputed = {t: reference_ensemble([np.asarray(output.images[t][0], dtype=np.uint8)]) for t in modalities_out}
+        scored = score_diagnoses([record.subject_id], [output.diagnosis[0]], rules)[0]
+        rouge = image_metrics.rouge_scores([output.impression[0]], [record.impression])
         copy_source = inputs[modalities_in[0]]
         per_subject.append({
-            **scored, "slice_index": int(slice_index), "diagnosis": output.diagnosis,
-            "impression": output.impression, "reference_impression": record.impression,
-            "thinking": dict(output.thinking), "rouge": {k: rouge[k] for k in ("rouge1", "rouge2", "rougeL")},
+            **scored, "slice_index": int(slice_index), "diagnosis": output.diagnosis[0],
+            "impression": output.impression[0], "reference_impression": record.impression,
+            "thinking": {t: texts[0] for t, texts in output.thinking.items()}, "rouge": {k: rouge[k] for k in ("rouge1", "rouge2", "rougeL")},
             "imputed": {t: _image_scores(truths[t], imputed[t]) for t in modalities_out},
             "copy_input": {t: _image_scores(truths[t], copy_source) for t in modalities_out}})
         if out_dir is not None:

@@ -9,7 +9,9 @@ UniBrain's inference keeps three contexts side by side (BAGEL's ``interleave_inf
 
 Each context is a KV cache plus the next free RoPE position. Caches are immutable-append, so
 a snapshot is a shallow copy. Every append runs once for a batch of B rows that share lengths
-(e.g. B slices of one volume under one prompt). Denoising queries never write a cache.
+(e.g. B slices of one volume under one prompt). Denoising queries never write a cache. Every
+tensor the context creates (token ids, sampling state) lives on its ``device`` — the
+pipeline's execution device, which under offloading differs from where the weights rest.
 
     python -c "from unibrain_hf.pipelines.context import InterleavedContext; help(InterleavedContext)"
 """
@@ -63,10 +65,12 @@ class InterleavedContext:
         model: a ``UniBrainForConditionalGeneration`` (its ``*_cached`` primitives do the work).
         bos_token_id / eos_token_id: ids wrapping every text segment (``<|im_start|>`` / ``<|im_end|>``).
         batch_size: rows B; a text given once is shared by all rows.
+        device: where the context's own tensors are created (the pipeline's ``_execution_device``).
     """
 
-    def __init__(self, model, bos_token_id: int, eos_token_id: int, batch_size: int = 1):
+    def __init__(self, model, bos_token_id: int, eos_token_id: int, batch_size: int = 1, device="cpu"):
         self.model = model
+        self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.bos_token_id = int(bos_token_id)
         self.eos_token_id = int(eos_token_id)
@@ -76,7 +80,7 @@ class InterleavedContext:
 
     # ------------------------------------------------------------------ primitives on one context
     def _wrap(self, token_ids) -> torch.Tensor:
-        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device)
         if ids.dim() == 1:
             ids = ids[None]
         if ids.shape[0] == 1 and self.batch_size > 1:
@@ -84,8 +88,8 @@ class InterleavedContext:
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"text has {ids.shape[0]} rows but the context has {self.batch_size}")
         batch = ids.shape[0]
-        bos = torch.full((batch, 1), self.bos_token_id, dtype=torch.long)
-        eos = torch.full((batch, 1), self.eos_token_id, dtype=torch.long)
+        bos = torch.full((batch, 1), self.bos_token_id, dtype=torch.long, device=self.device)
+        eos = torch.full((batch, 1), self.eos_token_id, dtype=torch.long, device=self.device)
         return torch.cat([bos, ids, eos], dim=1)
 
     def _text(self, context: KVContext, wrapped: torch.Tensor) -> KVContext:
@@ -132,7 +136,7 @@ class InterleavedContext:
         """A free copy (caches are immutable-append): e.g. ask a question without keeping it."""
         clone = InterleavedContext.__new__(InterleavedContext)
         clone.model, clone.bos_token_id, clone.eos_token_id = self.model, self.bos_token_id, self.eos_token_id
-        clone.batch_size = self.batch_size
+        clone.batch_size, clone.device = self.batch_size, self.device
         clone.gen, clone.cfg_text, clone.cfg_img = self.gen.snapshot(), self.cfg_text.snapshot(), self.cfg_img.snapshot()
         return clone
 
@@ -154,32 +158,27 @@ class InterleavedContext:
 
     @torch.no_grad()
     def generate_text(self, max_length: int, do_sample: bool = False, temperature: float = 1.0,
-                      generator: torch.Generator | None = None, return_logits: bool = False):
+                      generator=None, return_logits: bool = False):
         """Decode from ``gen`` without changing it (BAGEL's ``generate_text`` on a copy).
 
         Feeds ``<|im_start|>`` at the current RoPE position, then one token per step; stops when
         every row produced ``<|im_end|>`` or after ``max_length`` fed tokens. Returns ids (B, T)
         starting with ``<|im_start|>`` (the end token is not included; finished rows are padded
-        with it) and, optionally, the logits of every step (B, T', V).
+        with it) and, optionally, the logits of every step (B, T', V). ``generator`` (one, or one
+        per row) drives sampling; each row samples on its generator's device.
         """
         cache, position = self.gen.cache, self.gen.rope
         batch = self.batch_size
-        current = torch.full((batch,), self.bos_token_id, dtype=torch.long)
-        finished = torch.zeros(batch, dtype=torch.bool)
+        current = torch.full((batch,), self.bos_token_id, dtype=torch.long, device=self.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         tokens, step_logits = [], []
         for _ in range(int(max_length)):
             tokens.append(current)
             logits, cache = self.model.next_token_logits_cached(cache, current, position)
-            logits = logits.float().cpu()
+            logits = logits.float().to(self.device)
             if return_logits:
                 step_logits.append(logits)
-            if do_sample:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                if generator is not None and generator.device != probs.device:
-                    probs = probs.to(generator.device)  # sample where the generator lives
-                chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
-            else:
-                chosen = logits.argmax(dim=-1)
+            chosen = _sample(logits, temperature, generator) if do_sample else logits.argmax(dim=-1)
             chosen = torch.where(finished, torch.full_like(chosen, self.eos_token_id), chosen)
             finished = finished | (chosen == self.eos_token_id)
             current = chosen
@@ -190,3 +189,17 @@ class InterleavedContext:
         if return_logits:
             return ids, torch.stack(step_logits, dim=1)
         return ids
+
+
+def _sample(logits: torch.Tensor, temperature: float, generator) -> torch.Tensor:
+    """One token per row from softmax(logits / T); a list of generators gives each row its own."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if isinstance(generator, list):
+        return torch.cat([_multinomial(row[None], row_generator) for row, row_generator in zip(probs, generator)])
+    return _multinomial(probs, generator)
+
+
+def _multinomial(probs: torch.Tensor, generator) -> torch.Tensor:
+    """Sample where the generator lives (a CPU generator also seeds a GPU run); ids come back on probs' device."""
+    device = probs.device if generator is None else generator.device
+    return torch.multinomial(probs.to(device), 1, generator=generator).reshape(-1).to(probs.device)

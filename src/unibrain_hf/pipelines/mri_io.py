@@ -1,107 +1,136 @@
-"""MRI slice and volume inputs for the pipeline: loading, intensity scaling, geometry.
+"""MRI inputs for the pipeline: one call turns what a caller passed into a model-ready slice.
 
-What a caller may pass for one modality, and what happens to it:
+:func:`load_slice` is the whole input path for one modality of one row. What a caller may pass:
 
-* a 2-D slice — ``PIL.Image`` (``L``/``I``/``F`` or ``RGB``), ``numpy`` array or ``torch`` tensor
-  of shape (H, W), (H, W, 1|3) or (1|3, H, W) for tensors;
-* a 3-D volume — a NIfTI path (``.nii``/``.nii.gz``) or a ``nibabel`` image — plus
-  ``slice_index`` and ``axis`` (slices are ``np.take(volume, index, axis)``, no reorientation).
+* a 2-D slice — ``PIL.Image`` (``L``/``I``/``F``/``1`` or RGB), ``numpy`` array or ``torch`` tensor
+  of shape (H, W), (H, W, 1|3) or, for tensors, (1|3, H, W). It is taken as a plane of the
+  training frame already (rows = the first in-plane axis, e.g. anterior→posterior for an axial
+  slice); no reorientation happens, because a bare array has no affine to reorient from;
+* a 3-D volume — a NIfTI path (``.nii``/``.nii.gz``) or a ``nibabel`` image — with ``slice_index``
+  and ``axis``. The volume is first brought to the training frame from its affine
+  (:mod:`unibrain_hf.protocol.orientation`: L, P, I voxel order as (z, y, x), no resampling), then
+  sliced there: ``axis="axial"`` and ``slice_index=k`` is the k-th axial slice counted from the
+  top of the head, the same slice ``SubjectRecord.volumes[code][k]`` holds after ``unibrain prepare``.
 
 Intensities: ``uint8`` data is taken as already scaled (UniBrain's evaluation feeds uint8
-slices); any other dtype gets UniBrain's percentile foreground scaling — over the whole volume
-for volumes (``data.intensity.rescale_intensity``), over the slice itself for a 2-D slice.
-Single-channel slices are replicated to RGB for the model; outputs of single-channel inputs
-come back single-channel (the mean of the generated RGB, truncated to uint8 like the
-reference). Geometry: slices are zero-padded (centred) to the VAE stride and to the
-processor's minimum size — UniBrain pads its 240×240 slices to 256×256 the same way — and
-outputs are cropped back, so they align pixel-for-pixel with the inputs.
+slices); ``bool`` data becomes 0/255; any other real dtype gets UniBrain's percentile foreground
+scaling — over the whole volume for volumes (``data.intensity.rescale_intensity``), over the
+slice itself for a 2-D slice. Complex data and arrays of strings/objects are refused (never cast).
+Single-channel slices are replicated to RGB for the model; outputs of single-channel inputs come
+back single-channel (the mean of the generated RGB, truncated to uint8 like the reference).
+Geometry: slices are zero-padded (centred) to the VAE stride and to the processor's minimum
+size — UniBrain pads its 240×240 slices to 256×256 the same way — and outputs are cropped back,
+so they align pixel-for-pixel with the inputs. Whole volumes (``impute_volume``) go through
+:func:`load_volume`, whose :class:`TrainingFrameVolume` also writes results back onto the
+input's own voxel grid, affine and header.
 
-    python -c "import numpy as np; from unibrain_hf.pipelines.mri_io import scale_to_uint8; \
-print(scale_to_uint8(np.random.rand(4, 4), 'x').dtype)"
+Every error is a package error type naming the argument (``images['t1n']``) and, for files, the path.
+
+    python -c "import numpy as np; from unibrain_hf.pipelines.mri_io import load_slice; \
+from unibrain_hf.processing.image_transforms import StrideResize; \
+print(load_slice(np.random.rand(30, 40), 'x', StrideResize(64, 32, 16)).model_size)"
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..data.intensity import center_crop, pad_to_size, rescale_intensity
+from ..errors import CorruptFileError, InvalidInputError
+from ..protocol.orientation import from_training_frame, plane_axis, to_training_frame
+from ..utils.readers import NIFTI_SUFFIXES, read_nifti
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_GRAY_MODES = ("L", "I", "I;16", "I;16B", "I;16L", "F", "1")
+
+
+# --------------------------------------------------------------------------- call structure
+def image_rows(images, name: str = "images") -> list[dict]:
+    """``images`` as a list of rows (one dict per row); every row names the same modalities in one order."""
+    rows = images if isinstance(images, (list, tuple)) else [images]
+    if not rows:
+        raise InvalidInputError(f"{name} is an empty list; pass a dict {{modality: slice or volume}} or a list of them")
+    for index, row in enumerate(rows):
+        where = f"{name}[{index}]" if len(rows) > 1 else name
+        if not isinstance(row, dict) or not row:
+            raise InvalidInputError(f"{where} must be a non-empty dict {{modality code: slice or volume}}; "
+                                    f"got {type(row).__name__}")
+        for code in row:
+            if not isinstance(code, str) or not code.strip():
+                raise InvalidInputError(f"{where} keys must be non-empty modality strings; got {code!r}")
+        if list(row) != list(rows[0]):
+            raise InvalidInputError(f"{where} has modalities {list(row)} but {name}[0] has {list(rows[0])}; every row "
+                                    f"of a batch must give the same modalities in the same order")
+    return list(rows)
 
 
 def is_volume_source(value) -> bool:
-    """A NIfTI path or a nibabel image (anything with ``get_fdata`` and an affine)."""
+    """A path or a nibabel image (anything with ``dataobj`` and an affine), as opposed to a 2-D slice."""
     if isinstance(value, (str, os.PathLike)):
-        return str(value).endswith(NIFTI_SUFFIXES)
-    return hasattr(value, "get_fdata") and hasattr(value, "affine")
+        return True
+    return hasattr(value, "dataobj") and hasattr(value, "affine")
 
 
-def load_nifti(value, name: str):
-    """A nibabel image from a path or an image (error names the argument)."""
-    import nibabel as nib
-
-    if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        if not path.exists():
-            raise ValueError(f"{name}: NIfTI file {path} does not exist")
-        return nib.load(str(path))
-    return value
-
-
-def volume_array(image, name: str) -> np.ndarray:
-    """The 3-D data of a nibabel image (a trailing singleton 4th axis is dropped)."""
-    data = np.asanyarray(image.dataobj)
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise ValueError(f"{name}: expected a 3-D volume, got shape {data.shape}")
-    return data
+# --------------------------------------------------------------------------- pixel values
+def _numeric(array: np.ndarray, name: str) -> np.ndarray:
+    """Refuse what holds no real pixel values; ``bool`` becomes 0/255 uint8."""
+    kind = array.dtype.kind
+    if kind == "b":
+        return array.astype(np.uint8) * np.uint8(255)
+    if kind == "c":
+        raise InvalidInputError(f"{name} is complex ({array.dtype}); the model takes real magnitude images, and complex "
+                                f"data is not cast silently: pass e.g. np.abs(data)")
+    if kind not in "iuf":
+        raise InvalidInputError(f"{name} has dtype {array.dtype}, which holds no pixel values; pass a numeric array, "
+                                f"a PIL image, a torch tensor or a NIfTI volume")
+    return array
 
 
-def check_finite_and_varying(array: np.ndarray, name: str) -> None:
+def _check_finite_and_varying(array: np.ndarray, name: str) -> None:
     if array.size == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape})")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or Inf values")
+        raise InvalidInputError(f"{name} is empty (shape {array.shape})")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInputError(f"{name} contains NaN or Inf values")
     if array.min() == array.max():
-        raise ValueError(f"{name} has constant intensity {array.min()!r}; there is no image content to condition on")
+        raise InvalidInputError(f"{name} has constant intensity {array.min()!r}; there is no image content to "
+                                f"condition on")
 
 
-def scale_volume(volume: np.ndarray, name: str) -> np.ndarray:
+def _scale_volume(volume: np.ndarray, name: str) -> np.ndarray:
     """Whole-volume percentile scaling to uint8 (uint8 volumes pass through)."""
-    check_finite_and_varying(volume, name)
+    _check_finite_and_varying(volume, name)
     if volume.dtype == np.uint8:
         return volume
-    return rescale_intensity(volume)
+    try:
+        return rescale_intensity(volume)
+    except ValueError as exc:
+        raise InvalidInputError(f"{name}: {exc}") from None
 
 
-def scale_to_uint8(array: np.ndarray, name: str) -> np.ndarray:
+def _scale_slice(array: np.ndarray, name: str) -> np.ndarray:
     """One 2-D slice to uint8 with the same percentile rule as volumes (uint8 passes through)."""
-    check_finite_and_varying(array, name)
+    _check_finite_and_varying(array, name)
     if array.dtype == np.uint8:
         return array
     if array.ndim != 2:
-        raise ValueError(f"{name}: only single-channel slices can be intensity-scaled; got shape {array.shape} "
-                         f"of dtype {array.dtype} (pass RGB images as uint8)")
-    scaled = rescale_intensity(array[None].astype(np.float32))[0]
-    if scaled.max() == 0:
-        raise ValueError(f"{name} has no foreground (no pixel > 0) to scale")
+        raise InvalidInputError(f"{name}: only single-channel slices can be intensity-scaled; got shape {array.shape} "
+                                f"of dtype {array.dtype} (pass RGB images as uint8)")
+    try:
+        scaled = rescale_intensity(array[None].astype(np.float32))[0]
+    except ValueError as exc:
+        raise InvalidInputError(f"{name}: {exc}") from None
     return scaled
 
 
-def slice_array(value, name: str) -> np.ndarray:
-    """A 2-D input (PIL / numpy / torch) as (H, W) or (H, W, 3) numpy, original dtype."""
+def _slice_array(value, name: str) -> np.ndarray:
+    """A 2-D input (PIL / numpy / torch) as (H, W) or (H, W, 3) numpy of a real dtype."""
     if isinstance(value, Image.Image):
-        if value.mode in ("L", "I", "I;16", "F"):
-            array = np.asarray(value)
-        else:
-            array = np.asarray(value.convert("RGB"))
+        array = np.asarray(value if value.mode in _GRAY_MODES else value.convert("RGB"))
     elif isinstance(value, torch.Tensor):
         array = value.detach().cpu()
         if array.dtype == torch.bfloat16:
@@ -112,29 +141,73 @@ def slice_array(value, name: str) -> np.ndarray:
     elif isinstance(value, np.ndarray):
         array = value
     else:
-        raise ValueError(f"{name}: unsupported type {type(value).__name__}; pass a PIL image, numpy array, torch "
-                         f"tensor, NIfTI path or nibabel image")
+        raise InvalidInputError(f"{name}: unsupported type {type(value).__name__}; pass a PIL image, numpy array, "
+                                f"torch tensor, NIfTI path or nibabel image")
+    array = _numeric(array, name)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 3)):
-        raise ValueError(f"{name}: expected a 2-D slice (H, W), (H, W, 1) or (H, W, 3); got shape {array.shape}. "
-                         f"Pass volumes as a NIfTI path or nibabel image with slice_index")
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
+        raise InvalidInputError(f"{name}: expected a 2-D slice (H, W), (H, W, 1) or (H, W, 3); got shape "
+                                f"{array.shape}. Pass volumes as a NIfTI path or nibabel image with slice_index")
     return array
 
 
-def take_slice(volume: np.ndarray, slice_index, axis: int, name: str) -> np.ndarray:
-    if axis not in (0, 1, 2):
-        raise ValueError(f"axis must be 0, 1 or 2; got {axis!r}")
+# --------------------------------------------------------------------------- volumes
+@dataclass
+class TrainingFrameVolume:
+    """A NIfTI volume scaled to uint8 and brought to the training frame, plus what maps results back."""
+
+    data: np.ndarray  # (z, y, x) uint8 in the training frame
+    source: object  # the nibabel image it came from (affine, header, voxel order)
+
+    def plane(self, index: int, axis: str) -> np.ndarray:
+        return np.take(self.data, index, axis=plane_axis(axis))
+
+    def to_input_frame(self, volume_zyx: np.ndarray):
+        """A training-frame (z, y, x) uint8 result as a NIfTI image on the input's grid, affine and header."""
+        import nibabel as nib
+
+        data = np.ascontiguousarray(from_training_frame(volume_zyx, self.source.affine))
+        header = self.source.header.copy()
+        header.set_data_dtype(np.uint8)
+        image = nib.Nifti1Image(data, self.source.affine, header)
+        # A result has no scaling of its own: write its uint8 values as they are.
+        image.header.set_slope_inter(1.0, 0.0)
+        return image
+
+
+def _volume_data(value, name: str):
+    source = read_nifti(value, name)
+    try:
+        data = np.asanyarray(source.dataobj)
+    except (zlib.error, EOFError, OSError, ValueError) as exc:  # an in-memory image backed by a damaged file
+        raise CorruptFileError(f"{name} ({source.get_filename()}) could not be read: it is damaged or truncated "
+                               f"({type(exc).__name__}: {exc})") from exc
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InvalidInputError(f"{name}: expected a 3-D volume, got shape {data.shape}")
+    return source, _numeric(np.asarray(data), name)
+
+
+def load_volume(value, name: str) -> TrainingFrameVolume:
+    """A NIfTI path / nibabel image -> whole-volume-scaled uint8 voxels in the training frame."""
+    source, data = _volume_data(value, name)
+    canonical = to_training_frame(data, source.affine)
+    return TrainingFrameVolume(np.ascontiguousarray(_scale_volume(canonical, name)), source)
+
+
+def _take(volume: np.ndarray, slice_index, axis: str, name: str) -> np.ndarray:
     if slice_index is None:
-        raise ValueError(f"{name} is a volume: pass slice_index (or use impute_volume for every slice)")
-    depth = volume.shape[axis]
-    if not isinstance(slice_index, (int, np.integer)) or not 0 <= int(slice_index) < depth:
-        raise ValueError(f"slice_index {slice_index!r} is out of range for {name}: axis {axis} has {depth} slices")
-    return np.take(volume, int(slice_index), axis=axis)
+        raise InvalidInputError(f"{name} is a volume: pass slice_index (or use impute_volume for every slice)")
+    depth = volume.shape[plane_axis(axis)]
+    if not 0 <= int(slice_index) < depth:
+        raise InvalidInputError(f"slice_index {slice_index!r} is out of range for {name}: its {axis} axis has "
+                                f"{depth} slices (0..{depth - 1}, counted in the training frame)")
+    return np.take(volume, int(slice_index), axis=plane_axis(axis))
 
 
+# --------------------------------------------------------------------------- model-ready slices
 @dataclass
 class PreparedSlice:
     """A model-ready RGB slice and how to map model outputs back onto the input grid."""
@@ -186,3 +259,23 @@ def prepare_slice(uint8_slice: np.ndarray, vae_resize) -> PreparedSlice:
         # Larger than the model's maximum: resize like the reference's transform, undo on output.
         rgb = np.asarray(Image.fromarray(rgb).resize((target_w, target_h), resample=Image.BICUBIC))
     return PreparedSlice(np.ascontiguousarray(rgb), (height, width), (padded_h, padded_w), single)
+
+
+def load_slice(value, name: str, vae_resize, slice_index: int | None = None, axis: str = "axial") -> PreparedSlice:
+    """One modality of one row -> a padded uint8 RGB slice in the training frame (see the module docstring)."""
+    if is_volume_source(value):
+        if isinstance(value, (str, os.PathLike)) and not str(value).endswith(NIFTI_SUFFIXES):
+            raise InvalidInputError(f"{name}: {value!s} is not a NIfTI file (.nii or .nii.gz); pass 2-D slices as "
+                                    f"arrays, tensors or PIL images")
+        source, data = _volume_data(value, name)
+        canonical = to_training_frame(data, source.affine)
+        _check_finite_and_varying(_take(canonical, slice_index, axis, name), f"{name} slice {slice_index}")
+        # Scale with whole-volume statistics, as UniBrain does, then keep the one plane.
+        plane = _take(_scale_volume(canonical, name), slice_index, axis, name)
+    else:  # a 2-D slice is one plane already; slice_index and axis concern volumes only
+        plane = _scale_slice(_slice_array(value, name), name)
+    return prepare_slice(np.ascontiguousarray(plane), vae_resize)
+
+
+__all__ = ["image_rows", "is_volume_source", "load_slice", "load_volume", "TrainingFrameVolume", "PreparedSlice",
+           "prepare_slice", "padded_size_for"]

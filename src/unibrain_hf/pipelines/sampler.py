@@ -1,32 +1,58 @@
-"""UniBrain's rectified-flow sampler: the time grid and the classifier-free-guidance combination.
+"""UniBrain's rectified-flow sampler settings: the time grid, the guidance window and the CFG combination.
 
-The sampler integrates the model's velocity (pointing from data to noise) from t = 1 to t = 0
-with explicit Euler steps on the reference grid ``linspace(1, 0, N)`` warped by
-``s·t / (1 + (s − 1)·t)``; N grid points give N − 1 model evaluations (×3 with both guidance
-branches). Guidance follows BAGEL: a text-unconditional and an image-unconditional branch,
-active only for ``interval[0] < t <= interval[1]``, combined and renormalised by one of
-``global`` / ``channel`` / ``text_channel``.
+The sampler integrates the model's velocity (pointing from data to noise) from t = 1 to t = 0.
+UniBrain's time grid is ``linspace(1, 0, N)`` warped by ``s·t / (1 + (s − 1)·t)`` (float32, like
+the reference); its N − 1 non-zero points are handed to the scheduler as ``sigmas`` through the
+scheduler's own ``set_timesteps``, so ``num_inference_steps`` = N − 1 denoising steps (diffusers'
+meaning) and any diffusers flow-matching scheduler that accepts custom sigmas can be swapped in.
+Guidance follows BAGEL: a text-unconditional and an image-unconditional branch, active only for
+``interval[0] < t <= interval[1]`` — compared in float32, as the reference compares its float32
+timestep tensor with the Python bounds — combined and renormalised by one of ``global`` /
+``channel`` / ``text_channel``.
 
-    python -c "from unibrain_hf.pipelines.sampler import flow_timesteps; print(flow_timesteps(10, 3.0))"
+    python -c "from unibrain_hf.pipelines.sampler import flow_sigmas; print(flow_sigmas(9, 3.0))"
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from ..errors import InvalidInputError
 
 RENORM_TYPES = ("global", "channel", "text_channel")
 
 
-def flow_timesteps(num_inference_steps: int, shift: float) -> torch.Tensor:
-    """The N shifted grid points ``t_0 = 1 > … > t_{N-1} = 0`` (float32, like the reference)."""
-    if int(num_inference_steps) < 2:
-        raise ValueError(f"num_inference_steps must be >= 2 (N grid points give N-1 steps); got {num_inference_steps}")
+def flow_sigmas(num_inference_steps: int, shift: float) -> torch.Tensor:
+    """The ``num_inference_steps + 1`` shifted grid points ``1 = t_0 > … > t_N = 0`` (float32)."""
+    if int(num_inference_steps) < 1:
+        raise InvalidInputError(f"num_inference_steps must be >= 1; got {num_inference_steps}")
     if not shift > 0:
-        raise ValueError(f"timestep_shift must be > 0; got {shift}")
-    grid = torch.linspace(1, 0, int(num_inference_steps))
+        raise InvalidInputError(f"timestep_shift must be > 0; got {shift}")
+    grid = torch.linspace(1, 0, int(num_inference_steps) + 1)
     return shift * grid / (1 + (shift - 1) * grid)
+
+
+def check_scheduler(scheduler) -> None:
+    """Refuse, by name, a scheduler that cannot run UniBrain's grid (its ``set_timesteps`` takes no ``sigmas``).
+
+    The same check as diffusers' ``retrieve_timesteps``, which each diffusers pipeline copies into
+    its own module rather than exporting.
+    """
+    if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise InvalidInputError(f"the scheduler {type(scheduler).__name__} does not accept custom sigmas in "
+                                f"set_timesteps; use a flow-matching scheduler that does (e.g. "
+                                f"FlowMatchEulerDiscreteScheduler)")
+
+
+def set_flow_timesteps(scheduler, sigmas: torch.Tensor, device) -> torch.Tensor:
+    """Give ``scheduler`` the non-zero grid points as custom sigmas; returns its timesteps (sigma × 1000)."""
+    check_scheduler(scheduler)
+    scheduler.set_timesteps(sigmas=sigmas[:-1].cpu().numpy(), device=device)
+    return scheduler.timesteps
 
 
 @dataclass(frozen=True)
@@ -41,15 +67,29 @@ class GuidanceSettings:
 
     def __post_init__(self):
         if self.renorm_type not in RENORM_TYPES:
-            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}; got {self.renorm_type!r}")
+            raise InvalidInputError(f"cfg_renorm_type must be one of {RENORM_TYPES}; got {self.renorm_type!r}")
         if len(self.interval) != 2 or not self.interval[0] <= self.interval[1]:
-            raise ValueError(f"cfg_interval must be (low, high) with low <= high; got {self.interval!r}")
+            raise InvalidInputError(f"cfg_interval must be (low, high) with low <= high; got {self.interval!r}")
 
-    def scales_at(self, t: float) -> tuple[float, float]:
-        """Effective (text, image) scales at time t: both 1 outside the interval (branches skipped)."""
-        low, high = self.interval
-        if low < t <= high:
-            return float(self.text_scale), float(self.image_scale)
+    def in_interval(self, t) -> bool:
+        """``low < t <= high`` with t and both bounds in float32.
+
+        The reference tests ``t > low and t <= high`` on its float32 timestep tensor, which casts
+        the Python bounds to float32; on a grid point equal to ``float32(low)`` guidance is off.
+        """
+        t32 = np.float32(t.item() if isinstance(t, torch.Tensor) else t)
+        low, high = np.float32(self.interval[0]), np.float32(self.interval[1])
+        return bool(low < t32 <= high)
+
+    def scales_at(self, t, text_scale: float | None = None, image_scale: float | None = None) -> tuple[float, float]:
+        """Effective (text, image) scales at time t: both 1 outside the interval (branches skipped).
+
+        ``text_scale`` / ``image_scale`` override the stored scales (a callback may change them mid-run).
+        """
+        if self.in_interval(t):
+            text = self.text_scale if text_scale is None else text_scale
+            image = self.image_scale if image_scale is None else image_scale
+            return float(text), float(image)
         return 1.0, 1.0
 
 
@@ -71,7 +111,7 @@ def combine_guidance(v_cond: torch.Tensor, v_uncond_text: torch.Tensor | None, v
     if text_scale <= 1.0:
         return v_cond
     if renorm_type not in RENORM_TYPES:
-        raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}; got {renorm_type!r}")
+        raise InvalidInputError(f"cfg_renorm_type must be one of {RENORM_TYPES}; got {renorm_type!r}")
     guided_text = v_uncond_text + text_scale * (v_cond - v_uncond_text)
     if renorm_type == "text_channel":
         # Renormalise the text-guided velocity per token, then apply image guidance unrenormalised.

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, InputFileNotFoundError, InvalidInputError
+from ..protocol.tokens import SPECIAL_TOKENS
 from ..utils.atomic import atomic_file
 from ..utils.readers import existing_path, read_json, read_tokenizer
 from .image_transforms import StrideResize
 from .packing import DropoutProbabilities, PackedBatch, PackingSpec, SequencePacker
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
-SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 #: Every setting of ``processor_config.json`` and its default (UniBrain's values).
 PROCESSOR_SETTINGS = {"vae_max_size": 512, "vae_min_size": 256, "vae_stride": 16, "vit_max_size": 980,
                       "vit_min_size": 224, "vit_patch_size": 14, "max_latent_size": 64,

@@ -63,22 +63,25 @@ def check_inference(fixture_dir, converted_dir) -> dict[str, float]:
     # ---- image run: pipeline call with the recorded noises; the callback records every step.
     steps = []
 
-    def record(pipeline, step, t, kwargs):
+    def record(pipeline, step, timestep, kwargs):
+        # The model's time of this step is the scheduler's sigma (its timestep is sigma × 1000).
+        t = float(pipeline.scheduler.sigmas[step])
         steps.append({"t": t, **{k: kwargs[k] for k in ("x_t", "v_cond", "v_uncond_text", "v_uncond_image",
                                                           "velocity")}})
         if step == 0:
             steps[0]["context"] = kwargs["context"]
         return {}
 
-    call = dict(images={"input": image}, target_modalities=["output"], task="generation", prompt=prompt,
-                num_inference_steps=int(settings["num_timesteps"]), timestep_shift=float(settings["timestep_shift"]),
+    # The reference counts grid points (``num_timesteps``); the pipeline takes them as ``num_grid_points``.
+    call = dict(images={"input": image}, target_modalities="output", task="generation", prompt=prompt,
+                num_grid_points=int(settings["num_timesteps"]), timestep_shift=float(settings["timestep_shift"]),
                 guidance_scale=float(settings["cfg_text_scale"]), image_guidance_scale=float(settings["cfg_img_scale"]),
                 cfg_interval=tuple(settings["cfg_interval"]), cfg_renorm_type=settings["cfg_renorm_type"],
                 cfg_renorm_min=float(settings["cfg_renorm_min"]), think=False,
                 latents=init_noise, posterior_eps={"input": eps})
     latent_out = pipe(**call, output_type="latent", callback_on_step_end=record,
                       callback_on_step_end_tensor_inputs=["x_t", "v_cond", "v_uncond_text", "v_uncond_image",
-                                                          "velocity", "context"]).images["output"]
+                                                          "velocity", "context"]).images[0]
 
     context = steps[0]["context"]
     for name in ("gen", "cfg_text", "cfg_img"):
@@ -100,6 +103,8 @@ def check_inference(fixture_dir, converted_dir) -> dict[str, float]:
         diffs[f"flow.{i}.v_cond"] = _max_diff(step["v_cond"][0], ref[f"img.flow.{i}.v_cond"])
         for ours, theirs in (("v_uncond_text", "v_cfg_text"), ("v_uncond_image", "v_cfg_img")):
             key = f"img.flow.{i}.{theirs}"
+            # A guidance branch must run exactly where the reference ran it (e.g. not on the interval's bound).
+            diffs[f"flow.{i}.{theirs}.evaluated"] = 0.0 if (step[ours] is not None) == (key in ref) else float("inf")
             if step[ours] is not None and key in ref:
                 diffs[f"flow.{i}.{theirs}"] = _max_diff(step[ours][0], ref[key])
         diffs[f"flow.{i}.v_t"] = _max_diff(step["velocity"][0], ref[f"img.flow.{i}.v_t"])
@@ -113,15 +118,16 @@ def check_inference(fixture_dir, converted_dir) -> dict[str, float]:
     diffs["latents.vae_decode_input"] = _max_diff(latent_out[None], ref["img.vae_decode_input"])
     decoded = pipe.decode_latent_tokens(tokens[None], height, width)
     diffs["vae_decode.output"] = _max_diff(decoded, ref["img.vae_decode_output"])
-    generated = pipe(**call, output_type="np").images["output"]
+    generated = pipe(**call, output_type="np").images[0]
     diffs["image_uint8.generated"] = _max_diff(np.round(generated * 255), ref["output.generated_image_uint8"])
 
     # ---- the VAE encoding of the context image (input tensor and sampled latent).
     from ..modeling.vae import encode_latents
+    from ..pipelines.mri_io import load_slice
     from ..processing.image_transforms import to_model_tensor
 
-    prepared = pipe.prepare_slices({"input": image})
-    vae_input = to_model_tensor(prepared["input"].image())[None]
+    prepared = load_slice(image, "input", pipe.processor.vae_resize)
+    vae_input = to_model_tensor(prepared.image())[None]
     diffs["vae_encode.input"] = _max_diff(vae_input, ref["img.vae_encode_input"])
     with torch.no_grad():
         diffs["vae_encode.output"] = _max_diff(encode_latents(pipe.vae, vae_input, posterior_eps=eps),
@@ -129,7 +135,7 @@ def check_inference(fixture_dir, converted_dir) -> dict[str, float]:
 
     # ---- text run: the same context built by the pipeline's blocks, then greedy decoding.
     text_context = pipe.new_context()
-    text_context.add_image(pipe.encode_images([prepared["input"].rgb], eps))
+    text_context.add_image(pipe.encode_images([prepared.rgb], eps))
     text_context.add_instruction(pipe.tokenize(prompt))
     ref_ids = ref["txt.generate_text.output_ids"][:, 0]
     max_length = int(settings.get("text_max_length", ref_ids.numel()))

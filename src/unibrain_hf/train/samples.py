@@ -51,7 +51,7 @@ class SamplePanelWriter:
                           generator=torch.Generator().manual_seed(0))
         finally:
             model.train(was_training)
-        imputed = np.asarray(output.images[target])
+        imputed = np.asarray(output.images[target][0])
         imputed = (imputed * 255).round().astype(np.uint8) if imputed.dtype != np.uint8 else imputed
         imputed = imputed.mean(axis=-1).astype(np.uint8) if imputed.ndim == 3 else imputed
         self.directory.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ from ..protocol.orientation import plane_axis
 from ..protocol.prompts import (build_eval_diagnosis_prompt, build_eval_generation_prompt,
                                 build_unified_diagnosis_prompt, build_unified_impression_prompt,
                                 build_unified_instructions)
-from ..utils.readers import refuse_pickled_weights
+from ..utils.readers import check_pipeline_directory
 from . import mri_io
 from .context import EncodedImage, InterleavedContext
 from .pipeline_output import UniBrainPipelineOutput
@@ -140,6 +140,19 @@ class _RowsResult:
                            *(pick(getattr(self, name)) for name in self.TEXTS))
 
 
+def _is_local_path(name_or_path) -> bool:
+    """A path on this machine (existing, or not a valid Hub repo id), as opposed to a Hub repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if isinstance(name_or_path, os.PathLike) or os.path.exists(str(name_or_path)):
+        return True
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:
+        return True
+    return str(name_or_path).startswith((".", "~")) or os.path.isabs(str(name_or_path))
+
+
 class UniBrainPipeline(DiffusionPipeline):
     r"""Interleaved brain-MRI imputation and understanding with UniBrain (BAGEL-7B-MoT).
 
@@ -183,10 +196,9 @@ class UniBrainPipeline(DiffusionPipeline):
             raise InvalidInputError(f"use_safetensors={use_safetensors!r}: UniBrainPipeline loads safetensors weights "
                                     f"only, because opening a pickle can run code; convert the weights to "
                                     f".safetensors once, in an environment you trust")
-        directory = Path(pretrained_model_name_or_path)
-        if directory.is_dir():
-            for component in sorted(p for p in directory.iterdir() if p.is_dir()):
-                refuse_pickled_weights(component, f"pipeline component {component.name!r}")
+        if _is_local_path(pretrained_model_name_or_path):
+            # Every component is checked before diffusers loads any (it loads them in no fixed order).
+            check_pipeline_directory(pretrained_model_name_or_path, "pipeline directory")
         pipe = super().from_pretrained(pretrained_model_name_or_path, use_safetensors=True, **kwargs)
         if pipe.processor is not None:
             pipe.processor.tokenizer = pipe.tokenizer

@@ -195,7 +195,7 @@ def check_pipeline_directory(directory: str | os.PathLike, what: str | None = No
 
     ``model_index.json`` must be valid JSON; every component it lists must have its folder; every
     folder that holds weights is checked with :func:`check_pretrained_weights` (pickles refused,
-    safetensors complete). Folders without weights (tokenizer, scheduler, processor) only need to exist.
+    safetensors complete). In folders without weights (tokenizer, scheduler, processor) every JSON file must parse.
     """
     directory = existing_path(directory, what, kind="directory")
     index = read_json(directory / "model_index.json", what)
@@ -212,6 +212,9 @@ def check_pipeline_directory(directory: str | os.PathLike, what: str | None = No
                           or p.suffix.lower() in PICKLED_WEIGHT_SUFFIXES for p in folder.iterdir())
         if has_weights:
             check_pretrained_weights(folder, what)
+        else:  # tokenizer, scheduler, processor: their settings files must at least parse
+            for settings_file in sorted(folder.glob("*.json")):
+                read_json(settings_file, what)
     return directory
 
 

@@ -42,6 +42,7 @@ from ..processing.image_transforms import patchify, to_model_tensor
 from ..processing.processor import UniBrainProcessor
 from . import mri_io
 from .context import EncodedImage, InterleavedContext
+from .lora import UniBrainLoraLoaderMixin
 from .pipeline_output import UniBrainPipelineOutput
 from .sampler import RENORM_TYPES, GuidanceSettings, combine_guidance, flow_timesteps
 
@@ -78,7 +79,7 @@ def _grid_position_ids(rows: int, cols: int, grid: int, what: str) -> torch.Tens
     return (torch.arange(rows)[:, None] * grid + torch.arange(cols)[None, :]).flatten()
 
 
-class UniBrainPipeline(DiffusionPipeline):
+class UniBrainPipeline(UniBrainLoraLoaderMixin, DiffusionPipeline):
     r"""Interleaved brain-MRI imputation and understanding with UniBrain (BAGEL-7B-MoT).
 
     Args:
@@ -222,24 +223,7 @@ class UniBrainPipeline(DiffusionPipeline):
         return latents.float()
 
     # ------------------------------------------------------------------ building blocks
-    def load_lora(self, adapter_dir, merge: bool = False, adapter_name: str = "default") -> None:
-        """Attach a peft LoRA adapter (from ``accelerate launch -m unibrain_hf.train`` with ``lora:``).
-
-        With ``merge=True`` the adapter is folded into the weights (no inference overhead, not
-        removable); otherwise :meth:`unload_lora` restores the base model.
-        """
-        from ..train.lora import load_lora
-
-        if hasattr(self.model, "peft_config"):
-            raise ValueError("a LoRA adapter is already attached; call unload_lora() first")
-        self.register_modules(model=load_lora(self.model, adapter_dir, merge=merge, adapter_name=adapter_name))
-
-    def unload_lora(self) -> None:
-        """Remove an attached (unmerged) LoRA adapter."""
-        if not hasattr(self.model, "peft_config"):
-            raise ValueError("no LoRA adapter is attached")
-        self.register_modules(model=self.model.unload())
-
+    # LoRA (load_lora_weights, set_adapters, fuse_lora, ...) comes from UniBrainLoraLoaderMixin (pipelines/lora.py).
     def tokenize(self, text: str) -> list[int]:
         return self.processor.tokenize(text)
 

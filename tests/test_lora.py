@@ -368,7 +368,7 @@ def test_unknown_adapter_names_are_named(pipe, adapters):
         pipe.delete_adapters("both")
 
 
-def test_adapter_for_another_model_is_refused_by_name(pipe, adapters, base_output, tmp_path):
+def test_adapter_for_another_model_is_refused_by_name(pipe, base_dir, adapters, base_output, tmp_path):
     # Keys naming modules this model does not have (a FLUX-style adapter).
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -384,10 +384,18 @@ def test_adapter_for_another_model_is_refused_by_name(pipe, adapters, base_outpu
     with pytest.raises(InvalidInputError, match=r"adapter_config.json: target_modules .*to_q.* match no module"):
         pipe.load_lora_weights(retargeted)
 
-    # A config claiming another rank than the weights have.
+    # A config claiming another rank than the weights have: found after the layers were made, so they are undone,
+    # and an adapter loaded before keeps its place, weight and output.
+    pipe.load_lora_weights(adapters["both"], adapter_name="kept", low_cpu_mem_usage=True)
+    pipe.set_adapters("kept", 0.5)
+    kept = run(pipe)
+    torch.testing.assert_close(kept, run(manual_merge(base_dir, [(adapters["both"], 0.5)])), atol=1e-5, rtol=0)
     rank = copy_adapter(adapters["und"], tmp_path / "rank", r=8)
     with pytest.raises(InvalidInputError, match=r"adapter_model.safetensors: .* do not fit this model .*lora_A"):
         pipe.load_lora_weights(rank)
+    assert pipe.get_list_adapters() == {"model": ["kept"]} and pipe.get_active_adapters() == ["kept"]
+    assert torch.equal(run(pipe), kept)
+    pipe.unload_lora_weights()
 
     # Factors made for a model with another hidden size.
     wider = copy_adapter(adapters["und"], tmp_path / "wider")
@@ -476,3 +484,26 @@ def test_deprecated_load_lora_still_works(pipe, adapters, base_output):
         pipe.load_lora(adapters["both"], merge=True)
     assert no_lora_layers(pipe.model)
     torch.testing.assert_close(run(pipe), adapted, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ the documentation
+def test_docs_snippets_run(base_dir, adapters, tmp_path, monkeypatch):
+    """Every ```python block of docs/LORA.md, in order, against the paths the doc names (tiny stand-ins)."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "LORA.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 4
+    shutil.copytree(base_dir, tmp_path / "runs" / "tiny" / "unified" / "pipeline")
+    shutil.copytree(adapters["both"], tmp_path / "runs" / "private" / "lora" / "lora_adapter")
+    shutil.copytree(adapters["und"], tmp_path / "runs" / "site_b" / "lora" / "lora_adapter")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "docs/LORA.md", "exec"), namespace)
+    assert not np.array_equal(namespace["mixed"], namespace["base"])
+    np.testing.assert_allclose(namespace["fused"], namespace["mixed"], atol=1 / 255)
+    assert (tmp_path / "runs" / "exported" / "site_b" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "runs" / "private" / "merged" / "model_index.json").exists()

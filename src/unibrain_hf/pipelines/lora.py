@@ -10,7 +10,7 @@ It is built the way diffusers builds its own loaders: peft's injection API
 library integrations) puts LoRA layers *inside* the bare ``UniBrainForConditionalGeneration``, so
 ``pipe.model`` stays the model class and every pipeline method, offload hook and ``save_pretrained``
 keeps working. transformers' own ``model.load_adapter`` is not used because it needs peft >= 0.22;
-this module needs peft >= 0.17 (tested with 0.21.2).
+this module needs peft >= 0.18 (tested with 0.18.0 and 0.21.2; 0.17 does not import with transformers 5).
 
 What it reads: the directory peft's ``PeftModel.save_pretrained`` writes — ``adapter_config.json`` +
 ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` — which is what
@@ -132,6 +132,15 @@ def _check_weight(value, what: str) -> float:
     return float(value)
 
 
+def _check_components(what: str, components, kwargs: dict) -> None:
+    """diffusers' ``components`` argument: only the model takes adapters here; unknown keywords are named."""
+    if kwargs:
+        raise InvalidInputError(f"{what} got unknown arguments {sorted(kwargs)}")
+    if components is not None and (not isinstance(components, (list, tuple)) or set(components) - {LORA_COMPONENT}):
+        raise InvalidInputError(f"{what}: components must be [{LORA_COMPONENT!r}]; got {components!r} (pass the "
+                                f"scale as lora_scale=...)")
+
+
 # ------------------------------------------------------------------------------------------ reading adapters
 @dataclass
 class _AdapterSource:
@@ -143,7 +152,7 @@ class _AdapterSource:
     config_label: str | None = None
 
 
-def _strip_prefix(state_dict: dict, label: str) -> dict:
+def _strip_prefix(state_dict: dict) -> dict:
     """Keys relative to the bare model: drop peft's ``base_model.model.`` or diffusers' ``model.`` prefix."""
     for prefix in (PEFT_KEY_PREFIX, f"{LORA_COMPONENT}."):
         if state_dict and all(key.startswith(prefix) for key in state_dict):
@@ -252,7 +261,7 @@ def _read_hub(repo_id: str, weight_name: str | None, subfolder: str | None, hub_
             raise UnsafeFileError(f"{where} has {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME}; pickled "
                                   f"adapter weights (adapter_model.bin) are not loaded") from exc
         return _read_file(weights, config)
-    except (UnsafeFileError, InvalidInputError, CorruptFileError):
+    except (UnsafeFileError, InvalidInputError, CorruptFileError, InputFileNotFoundError):
         raise
     except Exception as exc:  # huggingface_hub raises a family of errors; the caller needs the name and the reason
         from huggingface_hub import constants
@@ -292,6 +301,12 @@ def _module_of(key: str, label: str) -> str:
                             f"('<module>.lora_A.weight' / '<module>.lora_B.weight'); plain LoRA adapters saved by "
                             f"peft, training or pipe.save_lora_weights are supported (not DoRA, LoRA biases or "
                             f"other tuners)")
+
+
+def _model_key(key: str, adapter_name: str) -> str:
+    """``<module>.lora_A.weight`` in a checkpoint → ``<module>.lora_A.<adapter>.weight`` in the model."""
+    module, _, factor = key.rpartition(".")[0].rpartition(".")
+    return f"{module}.{factor}.{adapter_name}.weight"
 
 
 def _plain_modules(model) -> dict[str, torch.nn.Module]:
@@ -503,7 +518,7 @@ class UniBrainLoraLoaderMixin:
 
         adapter = read_lora_adapter(pretrained_model_name_or_path_or_dict, weight_name, subfolder, metadata,
                                     **hub_kwargs)
-        state_dict = _strip_prefix(adapter.state_dict, adapter.label)
+        state_dict = _strip_prefix(adapter.state_dict)
         if not state_dict:
             raise InvalidInputError(f"{adapter.label} holds no LoRA weights")
         modules = sorted({_module_of(key, adapter.label) for key in state_dict})
@@ -522,13 +537,14 @@ class UniBrainLoraLoaderMixin:
         model = self._lora_model()
         state = self._lora_state()
         before = {name for name, _ in _tuner_layers(model)}
+        active_before = self.get_active_adapters()
         with self._offload_paused():
             try:
                 with warnings.catch_warnings():  # peft warns whenever a second adapter joins a model; that is the point
                     warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
                     inject_adapter_in_model(config, model, adapter_name=adapter_name, state_dict=state_dict,
                                             low_cpu_mem_usage=low_cpu_mem_usage)
-                expected = {key: model.get_parameter(self._param_name(key, adapter_name)).shape for key in state_dict}
+                expected = {key: model.get_parameter(_model_key(key, adapter_name)).shape for key in state_dict}
                 wrong = [f"{key}: file {tuple(state_dict[key].shape)}, model needs {tuple(shape)}"
                          for key, shape in expected.items() if tuple(state_dict[key].shape) != tuple(shape)]
                 if wrong:
@@ -542,18 +558,13 @@ class UniBrainLoraLoaderMixin:
                     raise InvalidInputError(f"{label}: {len(unexpected)} weights were not used (e.g. {unexpected[:3]})")
             except BaseException:
                 self._drop_adapter(adapter_name, before)
+                if self._adapter_names():  # peft made the new adapter the active one; undo that too
+                    self._activate(active_before)
                 raise
             state.weights[adapter_name] = 1.0
             for _, layer in _tuner_layers(model):
                 layer.train(model.training)  # new dropout modules start in training mode; follow the model
             self._activate([adapter_name])
-
-    @staticmethod
-    def _param_name(key: str, adapter_name: str) -> str:
-        """``<module>.lora_A.weight`` in a checkpoint → ``<module>.lora_A.<adapter>.weight`` in the model."""
-        module, _, suffix = key.rpartition(".lora_")
-        head, dot, tail = suffix.partition(".")
-        return f"{module}.lora_{head}.{adapter_name}{dot}{tail}"
 
     def _drop_adapter(self, adapter_name: str, keep_layers: set[str] | None = None) -> None:
         """Remove the adapter from every layer and the config (also undoes a partial load); drop emptied layers."""
@@ -690,12 +701,7 @@ class UniBrainLoraLoaderMixin:
         While adapters are fused, a fused layer computes with its fused weight only (peft's rule), so fuse all
         the adapters you want applied. Adapters already fused stay as they are.
         """
-        if kwargs:
-            raise InvalidInputError(f"fuse_lora got unknown arguments {sorted(kwargs)}")
-        if components is not None and (not isinstance(components, (list, tuple))
-                                       or set(components) - {LORA_COMPONENT}):
-            raise InvalidInputError(f"fuse_lora: components must be [{LORA_COMPONENT!r}]; got {components!r} "
-                                    f"(pass the scale as lora_scale=...)")
+        _check_components("fuse_lora", components, kwargs)
         scale = _check_weight(lora_scale, "fuse_lora: lora_scale")
         names = self._require_adapters(adapter_names if adapter_names is not None else self.get_active_adapters(),
                                        "fuse_lora")
@@ -711,6 +717,7 @@ class UniBrainLoraLoaderMixin:
 
     def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
         """Take fused adapters out of the base weights, restoring them bit for bit."""
+        _check_components("unfuse_lora", components, kwargs)
         if self.fused_loras:
             with self._offload_paused():
                 self._unfuse()

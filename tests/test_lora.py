@@ -232,6 +232,12 @@ def test_fuse_with_scale_and_subset_then_unload_bakes_it_in(pipe, base_dir, adap
     pipe.fuse_lora(lora_scale=0.5, adapter_names=["und"])
     expected = run(manual_merge(base_dir, [(adapters["und"], 0.4)]))
     torch.testing.assert_close(run(pipe), expected, atol=1e-5, rtol=0)
+    fused_und = run(pipe)
+    pipe.set_adapters("both", 1e30)  # finite numbers, but the fused weights overflow: safe_fusing refuses them
+    with pytest.raises(InvalidInputError, match=r"safe_fusing=True.*'both'\] gives NaN/Inf"):
+        pipe.fuse_lora(lora_scale=1e30, adapter_names=["both"], safe_fusing=True)
+    pipe.set_adapters("und", 0.8)  # "both" at 1e30 unfused would overflow too; back to the state before
+    assert pipe.fused_loras == {"und"} and torch.equal(run(pipe), fused_und)
     pipe.unload_lora_weights()  # diffusers' recipe: fuse, unload, then the base weights carry the adapter
     assert no_lora_layers(pipe.model) and pipe.fused_loras == set()
     torch.testing.assert_close(run(pipe), expected, atol=1e-5, rtol=0)
@@ -405,6 +411,13 @@ def test_adapter_for_another_model_is_refused_by_name(pipe, base_dir, adapters, 
                for k, v in tensors.items()}, str(wider / "adapter_model.safetensors"))
     with pytest.raises(InvalidInputError, match=r"wider/adapter_model.safetensors: .* do not fit this model"):
         pipe.load_lora_weights(wider)
+
+    # Non-finite factors.
+    tensors = load_file(adapters["und"] / "adapter_model.safetensors")
+    first = next(iter(tensors))
+    save_file({**tensors, first: torch.full_like(tensors[first], float("nan"))}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(InvalidInputError, match=r"nan.safetensors: .* contain NaN or Inf"):
+        pipe.load_lora_weights(tmp_path / "nan.safetensors")
 
     # Keys that are not LoRA factors (e.g. a DoRA magnitude vector).
     tensors = load_file(adapters["und"] / "adapter_model.safetensors")

@@ -416,11 +416,15 @@ class UniBrainLoraLoaderMixin:
     def _adapter_names(self) -> list[str]:
         return list(getattr(self._lora_model(), "peft_config", {}) or {})
 
-    def _require_adapters(self, names, what: str) -> list[str]:
-        """``names`` (a name or a list) checked against the loaded adapters; unknown ones are named."""
+    def _require_loaded(self, what: str) -> list[str]:
         loaded = self._adapter_names()
         if not loaded:
             raise InvalidInputError(f"{what}: no LoRA adapter is loaded; call pipe.load_lora_weights(...) first")
+        return loaded
+
+    def _require_adapters(self, names, what: str) -> list[str]:
+        """``names`` (a name or a list) checked against the loaded adapters; unknown ones are named."""
+        loaded = self._require_loaded(what)
         if isinstance(names, str):
             names = [names]
         if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
@@ -526,6 +530,9 @@ class UniBrainLoraLoaderMixin:
                or v.dim() != 2]
         if bad:
             raise InvalidInputError(f"{adapter.label}: {bad[:3]} are not 2-D floating-point tensors (LoRA factors)")
+        not_finite = [k for k, v in state_dict.items() if not torch.isfinite(v).all()]
+        if not_finite:
+            raise InvalidInputError(f"{adapter.label}: {not_finite[:3]} contain NaN or Inf")
         config, config_label = _lora_config(adapter, state_dict, modules)
         _check_against_model(model, adapter, config, config_label, modules)
         self._inject(adapter_name, config, state_dict, adapter.label, low_cpu_mem_usage)
@@ -625,13 +632,13 @@ class UniBrainLoraLoaderMixin:
 
     def enable_lora(self) -> None:
         """Apply the active adapters again after :meth:`disable_lora`."""
-        self._require_adapters([], "enable_lora")  # only checks that adapters are loaded
+        self._require_loaded("enable_lora")
         self._lora_state().enabled = True
         self._activate(self.get_active_adapters())
 
     def disable_lora(self) -> None:
         """Run the base model without unloading the adapters (:meth:`enable_lora` turns them back on)."""
-        self._require_adapters([], "disable_lora")
+        self._require_loaded("disable_lora")
         state = self._lora_state()
         if state.fused:
             raise InvalidInputError(f"disable_lora: adapters {sorted(state.fused)} are fused into the weights; call "
@@ -723,8 +730,12 @@ class UniBrainLoraLoaderMixin:
                 self._unfuse()
 
     def _fuse(self, multipliers: dict[str, float], safe: bool) -> None:
-        """Fuse ``{adapter: multiplier}`` into every layer (after unfusing what was fused), recording patches."""
+        """Fuse ``{adapter: multiplier}`` into every layer (after unfusing what was fused), recording patches.
+
+        On failure the weights are back where they were, including what was fused before.
+        """
         state = self._lora_state()
+        previous = dict(state.fused)
         self._unfuse()
         try:
             for name, layer in _tuner_layers(self._lora_model()):
@@ -734,6 +745,8 @@ class UniBrainLoraLoaderMixin:
                     state.fused = multipliers  # from the first layer on, _unfuse must see what is merged
         except BaseException:
             self._unfuse()
+            if previous:
+                self._fuse(previous, safe=False)
             raise
         state.fused = dict(multipliers)
 
@@ -752,7 +765,7 @@ class UniBrainLoraLoaderMixin:
                 for name, param in params.items():
                     param.data.copy_(original[name])
                 raise InvalidInputError(f"fuse_lora(safe_fusing=True): fusing adapters {names} gives NaN/Inf in "
-                                        f"{layer_name}; nothing was fused there")
+                                        f"{layer_name}; the weights are left as they were")
             layer.unmerge()
             patch = _FusePatch({}, {}, {})
             for name, param in params.items():

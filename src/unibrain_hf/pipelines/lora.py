@@ -812,8 +812,8 @@ class UniBrainLoraLoaderMixin:
         """Write one adapter as a peft directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 
         The layout and keys (``base_model.model.<module>.lora_A.weight``) are exactly what
-        ``PeftModel.save_pretrained`` and training write, so :meth:`load_lora_weights`, ``PeftModel.from_pretrained``
-        and transformers' ``load_adapter`` all read it. ``adapter_name`` may be omitted when only one adapter is
+        ``PeftModel.save_pretrained`` and training write, so :meth:`load_lora_weights` and
+        ``PeftModel.from_pretrained`` read it. ``adapter_name`` may be omitted when only one adapter is
         loaded or active. Returns the directory.
         """
         from safetensors.torch import save_file

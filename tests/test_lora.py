@@ -426,6 +426,13 @@ def test_adapter_for_another_model_is_refused_by_name(pipe, base_dir, adapters, 
     with pytest.raises(InvalidInputError, match=r"wider/adapter_model.safetensors: .* do not fit this model"):
         pipe.load_lora_weights(wider)
 
+    # Half an adapter: a lora_B without its lora_A.
+    tensors = load_file(adapters["und"] / "adapter_model.safetensors")
+    lone = next(k for k in tensors if "lora_A" in k)
+    save_file({k: v for k, v in tensors.items() if k != lone}, str(tmp_path / "half.safetensors"))
+    with pytest.raises(InvalidInputError, match=r"half.safetensors: 1 LoRA factors are missing"):
+        pipe.load_lora_weights(tmp_path / "half.safetensors")
+
     # Non-finite factors.
     tensors = load_file(adapters["und"] / "adapter_model.safetensors")
     first = next(iter(tensors))

@@ -48,8 +48,7 @@ import torch
 
 from ..errors import ConfigError, CorruptFileError, InputFileNotFoundError, InvalidInputError, UnsafeFileError
 from ..utils.atomic import atomic_directory, atomic_file
-from ..utils.readers import PICKLED_WEIGHT_SUFFIXES, check_safetensors, read_json, read_safetensors, \
-    refuse_pickled_weights
+from ..utils.readers import PICKLED_WEIGHT_SUFFIXES, read_json, read_safetensors, refuse_pickled_weights
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +170,7 @@ def _metadata_config(path: Path) -> dict | None:
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise CorruptFileError(f"{path}: the '{DIFFUSERS_METADATA_KEY}' header entry is not valid JSON ({exc})") from exc
+        raise CorruptFileError(f"{path}: its '{DIFFUSERS_METADATA_KEY}' header is not valid JSON ({exc})") from exc
     prefix = f"{LORA_COMPONENT}."
     if any(key.startswith(prefix) for key in config):  # a pipeline-level file packs each component's config
         config = {key[len(prefix):]: value for key, value in config.items() if key.startswith(prefix)}
@@ -326,9 +325,8 @@ def _plain_modules(model) -> dict[str, torch.nn.Module]:
 
 def _infer_config(state_dict: dict, modules: list[str]) -> dict:
     """A LoraConfig for a file without one: ranks from the shapes, alpha = rank (scale 1), as diffusers does."""
-    ranks = {module: state_dict[f"{module}.lora_A.weight"].shape[0] for module in modules
-             if f"{module}.lora_A.weight" in state_dict and state_dict[f"{module}.lora_A.weight"].dim() == 2}
-    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    ranks = {module: state_dict[f"{module}.lora_A.weight"].shape[0] for module in modules}
+    r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {module: rank for module, rank in ranks.items() if rank != r}
     return {"peft_type": "LORA", "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
             "target_modules": sorted(modules)}
@@ -350,9 +348,7 @@ def _lora_config(adapter: _AdapterSource, state_dict: dict, modules: list[str]):
         raise InvalidInputError(f"{label}: peft_type is {data.get('peft_type')!r}; only LoRA adapters are supported")
     data["peft_type"] = "LORA"
     try:
-        with warnings.catch_warnings():  # keys from a newer peft are dropped by peft itself; say so once below
-            warnings.simplefilter("ignore")
-            config = LoraConfig.from_peft_type(**data)
+        config = LoraConfig.from_peft_type(**data)  # peft warns about (and drops) keys written by a newer peft
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{label}: not a valid LoRA config ({exc})") from exc
     unsupported = [name for name, value in (("modules_to_save", config.modules_to_save),
@@ -533,6 +529,11 @@ class UniBrainLoraLoaderMixin:
         not_finite = [k for k, v in state_dict.items() if not torch.isfinite(v).all()]
         if not_finite:
             raise InvalidInputError(f"{adapter.label}: {not_finite[:3]} contain NaN or Inf")
+        half = [f"{m}.{factor}.weight" for m in modules for factor in ("lora_A", "lora_B")
+                if f"{m}.{factor}.weight" not in state_dict]
+        if half:
+            raise InvalidInputError(f"{adapter.label}: {len(half)} LoRA factors are missing (e.g. {half[:3]}); each "
+                                    f"adapted module needs lora_A and lora_B")
         config, config_label = _lora_config(adapter, state_dict, modules)
         _check_against_model(model, adapter, config, config_label, modules)
         self._inject(adapter_name, config, state_dict, adapter.label, low_cpu_mem_usage)
@@ -662,7 +663,7 @@ class UniBrainLoraLoaderMixin:
             self._activate(still_active)
 
     def unload_lora_weights(self) -> None:
-        """Remove every adapter layer. Fused adapters stay in the weights (diffusers' fuse → unload → save recipe)."""
+        """Remove every adapter layer; fused adapters stay in the weights (diffusers' fuse → unload → save)."""
         model = self._lora_model()
         if not _tuner_layers(model):
             self._forget_all_adapters()
@@ -818,7 +819,7 @@ class UniBrainLoraLoaderMixin:
         """
         from safetensors.torch import save_file
 
-        loaded = self._adapter_names()
+        loaded = self._require_loaded("save_lora_weights")
         if adapter_name is None:
             active = self.get_active_adapters()
             candidates = loaded if len(loaded) == 1 else active
@@ -964,7 +965,7 @@ class UniBrainLoraLoaderMixin:
 
     # ---------------------------------------------------------------- the pipeline's earlier one-adapter API
     def load_lora(self, adapter_dir, merge: bool = False, adapter_name: str = "default") -> None:
-        """Deprecated: ``load_lora_weights(dir, adapter_name=...)``; ``merge=True`` = also ``fuse_lora`` + ``unload``."""
+        """Deprecated: ``load_lora_weights``; ``merge=True`` adds ``fuse_lora`` + ``unload_lora_weights``."""
         warnings.warn("pipe.load_lora is deprecated; use pipe.load_lora_weights(path, adapter_name=...) and, for "
                       "merge=True, pipe.fuse_lora() followed by pipe.unload_lora_weights()", FutureWarning,
                       stacklevel=2)

@@ -355,6 +355,29 @@ def test_single_safetensors_files(pipe, adapters, tmp_path):
     assert torch.equal(run(pipe), reference)
 
 
+def test_hub_repositories(base_dir, adapters, tmp_path):
+    """Hub ids go through huggingface_hub; offline (as in the tests) it serves them from its cache."""
+    import shutil
+
+    cache = tmp_path / "hub"
+
+    def cached_repo(repo_id, source):
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+        shutil.copytree(source, repo / "snapshots" / ("0" * 40))
+
+    cached_repo("someone/unibrain-lora", adapters["und"])
+    pipe = load_pipe(base_dir)
+    pipe.load_lora_weights("someone/unibrain-lora", cache_dir=cache, adapter_name="hub")
+    adapted = run(pipe)
+    pipe.save_pretrained(tmp_path / "saved")
+    cached_repo("someone/unibrain-pipeline", tmp_path / "saved")
+    reloaded = UniBrainPipeline.from_pretrained("someone/unibrain-pipeline", cache_dir=cache)
+    reloaded.set_progress_bar_config(disable=True)
+    assert reloaded.get_list_adapters() == {"model": ["hub"]} and torch.equal(run(reloaded), adapted)
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 def assert_untouched(pipe, base_output):
     assert no_lora_layers(pipe.model) and torch.equal(run(pipe), base_output)

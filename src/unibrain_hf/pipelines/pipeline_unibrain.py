@@ -54,6 +54,7 @@ from ..protocol.prompts import (build_eval_diagnosis_prompt, build_eval_generati
 from ..utils.readers import check_pipeline_directory
 from . import mri_io
 from .context import EncodedImage, InterleavedContext
+from .lora import UniBrainLoraLoaderMixin
 from .pipeline_output import UniBrainPipelineOutput
 from .sampler import GuidanceSettings, check_scheduler, combine_guidance, flow_sigmas, set_flow_timesteps
 from .settings import IMAGE_TASKS, CallSettings
@@ -153,7 +154,7 @@ def _is_local_path(name_or_path) -> bool:
     return str(name_or_path).startswith((".", "~")) or os.path.isabs(str(name_or_path))
 
 
-class UniBrainPipeline(DiffusionPipeline):
+class UniBrainPipeline(UniBrainLoraLoaderMixin, DiffusionPipeline):
     r"""Interleaved brain-MRI imputation and understanding with UniBrain (BAGEL-7B-MoT).
 
     Args:
@@ -335,6 +336,7 @@ class UniBrainPipeline(DiffusionPipeline):
         return checked
 
     # ------------------------------------------------------------------ 2. building blocks
+    # LoRA (load_lora_weights, set_adapters, fuse_lora, ...) comes from UniBrainLoraLoaderMixin (pipelines/lora.py).
     def tokenize(self, text: str) -> list[int]:
         return self.processor.tokenize(text)
 
@@ -778,25 +780,6 @@ class UniBrainPipeline(DiffusionPipeline):
                 _atomic_nifti_save(image, directory / f"{code}.nii.gz")
         self.maybe_free_model_hooks()
         return images
-
-    # ------------------------------------------------------------------ LoRA (kept until the diffusers-style loader)
-    def load_lora(self, adapter_dir, merge: bool = False, adapter_name: str = "default") -> None:
-        """Attach a peft LoRA adapter (from ``accelerate launch -m unibrain_hf.train`` with ``lora:``).
-
-        With ``merge=True`` the adapter is folded into the weights (no inference overhead, not
-        removable); otherwise :meth:`unload_lora` restores the base model.
-        """
-        from ..train.lora import load_lora
-
-        if hasattr(self.model, "peft_config"):
-            raise InvalidInputError("a LoRA adapter is already attached; call unload_lora() first")
-        self.register_modules(model=load_lora(self.model, adapter_dir, merge=merge, adapter_name=adapter_name))
-
-    def unload_lora(self) -> None:
-        """Remove an attached (unmerged) LoRA adapter."""
-        if not hasattr(self.model, "peft_config"):
-            raise InvalidInputError("no LoRA adapter is attached")
-        self.register_modules(model=self.model.unload())
 
 
 def _batch(items: list, output_type: str):

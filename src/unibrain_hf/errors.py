@@ -36,5 +36,9 @@ class UnsafeFileError(UniBrainError, ValueError):
     """A file format that can execute code when read (pickle: ``.bin``, ``.pt``, ``.ckpt``) was refused."""
 
 
+class CheckpointError(UniBrainError, ValueError):
+    """A training checkpoint cannot be resumed: missing, damaged, or written by another configuration or layout."""
+
+
 __all__ = ["UniBrainError", "InvalidInputError", "ConfigError", "InputFileNotFoundError", "CorruptFileError",
-           "UnsafeFileError"]
+           "UnsafeFileError", "CheckpointError"]

@@ -120,11 +120,12 @@ def _fully_shard_here(module, accelerator) -> None:
     fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
 
 
-def prepare(accelerator, plan: Parallelism, module, make_optimizer):
+def prepare(accelerator, plan: Parallelism, module, make_optimizer, max_grad_norm: float = 1.0):
     """Wrap ``module`` for ``plan`` and build its optimizer on the *prepared* parameters.
 
     ``make_optimizer(parameters)`` builds the torch optimizer. Returns ``(prepared, optimizer)``;
     ``optimizer`` may be accelerate's wrapper (use :func:`torch_optimizer` for the inner one).
+    Under ZeRO-3 the engine clips, with ``max_grad_norm``.
     """
     def trainable(m):
         return [p for p in m.parameters() if p.requires_grad]
@@ -141,6 +142,7 @@ def prepare(accelerator, plan: Parallelism, module, make_optimizer):
         if plan.sharding == ZERO3:
             ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
             ds_config["train_micro_batch_size_per_gpu"] = 1  # one pack per process and step
+            ds_config["gradient_clipping"] = max_grad_norm
         # FSDP2 via accelerate and ZeRO-3 swap the parameters while preparing: the optimizer must be
         # prepared together with the model (accelerate re-points it at the sharded parameters).
         prepared, optimizer = accelerator.prepare(module, make_optimizer(trainable(module)))
@@ -153,8 +155,14 @@ def prepare(accelerator, plan: Parallelism, module, make_optimizer):
 
 
 def torch_optimizer(optimizer):
-    """The torch optimizer inside accelerate's wrapper (the one whose param_groups the scheduler drives)."""
-    return getattr(optimizer, "optimizer", optimizer)
+    """The torch optimizer whose param_groups the LR schedule drives and whose state is checkpointed.
+
+    Inside accelerate's wrapper, and under ZeRO-3 inside DeepSpeed's partitioning optimizer too.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer  # DeepSpeed's ZeRO optimizer wraps the torch one
+    return inner
 
 
 def unwrap(accelerator, prepared):

@@ -261,7 +261,8 @@ class Trainer:
         self.module, self.optimizer = prepare(
             self.accelerator, self.plan, StageModule(model, self.stage),
             lambda parameters: torch.optim.AdamW(parameters, lr=train.learning_rate, betas=(train.beta1, train.beta2),
-                                                 eps=train.eps, weight_decay=train.weight_decay))
+                                                 eps=train.eps, weight_decay=train.weight_decay),
+            max_grad_norm=train.max_grad_norm)
         self.model = unwrap(self.accelerator, self.module).model
         self.named_parameters = [(clean_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.parameters = [p for _, p in self.named_parameters]

@@ -271,6 +271,7 @@ class Trainer:
         self.vae.to(self.accelerator.device)
         self.step = 0
         self.checkpoints: list[dict] = []
+        self.resumed_from: Path | None = None
         self._token = self._agree_on_token()
         if resume_state is not None:
             self.load_checkpoint(resume_state)
@@ -391,6 +392,7 @@ class Trainer:
                                   f"{rank_state.get('rank')}")
         self.load_state_dict({"step": checkpoint["step"], "tensors": state["tensors"], "trainer": checkpoint,
                               "rank": rank_state})
+        self.resumed_from = path
         self._log(f"resumed from {path} at step {self.step}")
 
     def export(self) -> Path:
@@ -444,7 +446,7 @@ class Trainer:
         metrics_file = self.output_dir / "logs" / "metrics.jsonl"
         losses: list[dict] = []
         stopped_early = False
-        last_checkpoint = None
+        last_checkpoint = self.resumed_from  # already on disk: not written again if no step follows
         peak_flops = _peak_flops(accelerator.device)
         active_parameters = _active_parameters(self.model)
         with StopRequested() as stop:

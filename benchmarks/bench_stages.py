@@ -197,14 +197,14 @@ def run_child(stage: str, threads: int, steps: int, cohort: str, pipeline: str, 
     original_loader = packed_dataset.packed_dataloader
     packed_dataset.packed_dataloader = lambda dataset, **kw: _RecordingLoader(original_loader(dataset, **kw), packs)
     rss_before_save: list[float] = []
-    original_save = trainer._save
+    original_save = trainer.Trainer.save_checkpoint
 
-    def recording_save(*args, **kwargs):
+    def recording_save(self, *args, **kwargs):
         _MARKS.append(time.process_time())
         rss_before_save.append(_maxrss_mib())
-        return original_save(*args, **kwargs)
+        return original_save(self, *args, **kwargs)
 
-    trainer._save = recording_save
+    trainer.Trainer.save_checkpoint = recording_save
     overrides = [
         f"stage={stage}", f"model.pretrained={pipeline}", f"data.path={cohort}", "data.image_size=128",
         "data.vae_max_size=128", "data.vae_min_size=64", "data.vit_max_size=126", "data.vit_min_size=28",

@@ -64,9 +64,12 @@ def keys_of(packs):
 
 
 def same_pack(a, b) -> bool:
+    def equal(x, y):  # a pack whose images were all dropped has no image tensors
+        return (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+
     return (a.sample_ids == b.sample_ids and a.sample_lens == b.sample_lens and a.attn_modes == b.attn_modes
-            and torch.equal(a.input_ids, b.input_ids) and torch.equal(a.timesteps, b.timesteps)
-            and torch.equal(a.padded_images, b.padded_images))
+            and equal(a.input_ids, b.input_ids) and equal(a.timesteps, b.timesteps)
+            and equal(a.padded_images, b.padded_images))
 
 
 # ------------------------------------------------------------------------------------- budget
@@ -376,3 +379,59 @@ def test_position_ids_restart_per_sample_and_images_share_one(processor, task, d
         if pack.timesteps is not None:
             noisy = torch.isin(pack.vae_token_indexes, pack.mse_loss_indexes)
             assert torch.isfinite(pack.timesteps[noisy]).all() and torch.isinf(pack.timesteps[~noisy]).all()
+
+
+# ------------------------------------------------------------------------------------- streamed parquet cohorts
+@pytest.fixture(scope="module", params=[5, 4], ids=["files-not-dividing-shards", "files-dividing-shards"])
+def streamed_cohort(request, tmp_path_factory):
+    """RECORDS on disk as parquet: 16 subjects in 4 files (5/file) or 4 files (4/file, divisible by 2 shards)."""
+    from unibrain_hf.data.schema import write_cohort
+
+    path = tmp_path_factory.mktemp("stream") / "cohort"
+    write_cohort(RECORDS, path, split={"train": [r.subject_id for r in RECORDS]}, subjects_per_file=request.param)
+    return path
+
+
+def streamed(path, processor, **kwargs):
+    from unibrain_hf.data.radgenome import load_radgenome
+
+    rows = load_radgenome(path, split="train", streaming=True, decode=False)
+    return PackedDataset(rows, UNIFIED_40, processor, UNIBRAIN_DROPOUT, kwargs.pop("budget", BUDGET), seed=7,
+                         stream_shuffle_buffer=3, **kwargs)
+
+
+def test_streamed_cohort_is_split_by_rank_and_worker(processor, streamed_cohort):
+    budget = TokenBudget(1, 2000, 2000)  # one sample per pack: the packs list the shard's records
+    ranks = [keys_of(streamed(streamed_cohort, processor, budget=budget, num_epochs=1, rank=r, world_size=2))
+             for r in range(2)]
+    subjects = [{k[2] for k in keys} for keys in ranks]
+    assert not subjects[0] & subjects[1]
+    assert subjects[0] | subjects[1] == {r.subject_id for r in RECORDS}
+    # Two DataLoader workers of one process are the same two shards as two ranks of one worker each.
+    one_process = streamed(streamed_cohort, processor, budget=budget, num_epochs=1)
+    packs = list(packed_dataloader(one_process, num_workers=2))
+    for worker in range(2):
+        assert keys_of([p for p in packs if p.stream_position["slot"] == worker]) == ranks[worker]
+
+
+def test_streamed_cohort_packs_equal_the_in_memory_samples(processor, streamed_cohort):
+    """Decoding rows on the fly gives the same samples as records decoded up front (same keys → same pack)."""
+    dataset = streamed(streamed_cohort, processor, budget=TokenBudget(1, 2000, 2000), num_epochs=1)
+    by_subject = {r.subject_id: r for r in RECORDS}
+    for pack in dataset:
+        (epoch, index, subject), = pack.sample_ids
+        build_rng, pack_rng = dataset._sample_generators(epoch, index)
+        sample = UNIFIED_40(by_subject[subject], build_rng)
+        expected = processor.packer(UNIBRAIN_DROPOUT).pack([sample.items], rng=pack_rng, sample_ids=[pack.sample_ids[0]])
+        assert same_pack(pack, expected)
+
+
+def test_streamed_cohort_resumes_exactly(processor, streamed_cohort):
+    reference = streamed(streamed_cohort, processor, rank=1, world_size=2)
+    packs, states = [], []
+    for pack in islice(reference, 8):
+        packs.append(pack)
+        states.append(reference.state_dict())
+    resumed = streamed(streamed_cohort, processor, rank=1, world_size=2)
+    resumed.load_state_dict(states[4])
+    assert all(same_pack(a, b) for a, b in zip(islice(resumed, 3), packs[5:8]))

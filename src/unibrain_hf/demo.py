@@ -121,7 +121,7 @@ def run(args) -> int:
     align = train(_stage_config("align", runs, init, cohort, plan.align_steps, image_size, learning_rate=1e-3,
                                 seed=args.seed), progress=True)
     step("stage 1 (align)")
-    align_weights = runs / "align" / "checkpoints" / f"step-{align.steps:07d}" / "model.safetensors"
+    align_weights = align.last_checkpoint  # a checkpoint folder: the stage-1 raw (trained, not EMA) weights
     unified = train(_stage_config("unified", runs, init, cohort, plan.unified_steps, image_size,
                                   weights=align_weights, learning_rate=8e-4, seed=args.seed), progress=True)
     step("stage 2 (unified)")

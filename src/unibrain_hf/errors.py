@@ -51,5 +51,9 @@ class OutputExistsError(UniBrainError, FileExistsError):
         return type(self), (self.path, self.what, self.option)
 
 
+class CheckpointError(UniBrainError, ValueError):
+    """A training checkpoint cannot be resumed: missing, damaged, or written by another configuration or layout."""
+
+
 __all__ = ["UniBrainError", "InvalidInputError", "ConfigError", "InputFileNotFoundError", "CorruptFileError",
-           "UnsafeFileError", "OutputExistsError"]
+           "UnsafeFileError", "OutputExistsError", "CheckpointError"]

@@ -24,11 +24,15 @@ are rebuilt on resume) — no generator state has to be saved.
 Sharding: records are split over ``world_size × num_workers`` shards. For a list of records,
 each epoch is a fresh permutation of all records dealt round-robin to the shards; for a stream
 (a callable returning an iterator, read again every epoch in the same order), record ``i`` goes
-to shard ``i mod num_shards`` and each shard shuffles through a bounded shuffle buffer.
+to shard ``i mod num_shards`` and each shard shuffles through a bounded shuffle buffer. A
+streamed cohort from ``load_radgenome(..., streaming=True, decode=False)`` is split the
+``datasets`` way, ``split_dataset_by_node`` by rank and then by DataLoader worker (by parquet
+file when the file count divides the shard count, else one row in ``num_shards``), and each
+row is decoded only when its subject is used: memory holds the shuffle window, never the cohort.
 
 Shards can differ by one record, so in a finite run ranks may produce different numbers of
-packs (distributed training should use the endless stream). A streamed source is read in full by
-every shard (each keeps its share), and resuming it re-reads the stream up to the saved position.
+packs (distributed training should use the endless stream). A callable stream is read in full by
+every shard (each keeps its share), and resuming a stream re-reads it up to the saved position.
 
 Resume: ``state_dict()`` describes the position after the last pack handed to the trainer.
 With ``num_workers=0`` the packs after ``load_state_dict`` equal the uninterrupted sequence.
@@ -65,10 +69,8 @@ STATE_VERSION = 1
 _ORDER_SALT = 0x5EED0
 _SAMPLE_SALT = 0x5A3E1
 TASK_BUILDERS = {"unified": build_unified_sample, "recon": build_recon_sample}
-STAT_NAMES = (
-    "records_read", "samples_packed", "invalid_records", "samples_too_long", "unpackable_samples", "packs",
-    "text_cfg_eligible", "text_cfg_dropped", "vit_cfg_eligible", "vit_cfg_dropped",
-    "vae_cfg_eligible", "vae_cfg_dropped")
+STAT_NAMES = ("records_read", "samples_packed", "invalid_records", "samples_too_long", "unpackable_samples",
+              "packs") + PackedBatch.stat_names()  # the last: condition-dropout counts kept by the packer
 
 
 @dataclass
@@ -140,62 +142,41 @@ def _fresh_shard_state() -> dict:
 def concatenate_packs(packs: list[PackedBatch]) -> PackedBatch:
     """One pack from several, exactly as if their samples had been packed together.
 
-    The packer treats samples independently apart from the running token offset, so shifting
-    every index field by the preceding packs' lengths reproduces a joint pack. Used so that each
-    sample's dropout and timesteps come from its own generator (independent of pack membership).
+    Used so that each sample's dropout and timesteps come from its own generator (independent
+    of pack membership); the merge rules live with the batch format (:meth:`PackedBatch.concatenate`).
     """
-    if not packs:
-        raise ValueError("cannot concatenate an empty list of packs")
-    offsets = np.cumsum([0] + [p.sequence_length for p in packs[:-1]]).tolist()
-
-    def cat(name, shift=False):
-        parts = [getattr(p, name) + (off if shift else 0) for p, off in zip(packs, offsets)
-                 if getattr(p, name) is not None]
-        return torch.cat(parts) if parts else None
-
-    merged = PackedBatch(
-        sequence_length=sum(p.sequence_length for p in packs),
-        sample_lens=[n for p in packs for n in p.sample_lens],
-        split_lens=[n for p in packs for n in p.split_lens],
-        attn_modes=[m for p in packs for m in p.attn_modes],
-        input_ids=cat("input_ids"), text_indexes=cat("text_indexes", True), position_ids=cat("position_ids"),
-        ce_loss_indexes=cat("ce_loss_indexes", True), labels=cat("labels"),
-        vit_pixel_patches=cat("vit_pixel_patches"), vit_position_ids=cat("vit_position_ids"),
-        vit_token_indexes=cat("vit_token_indexes", True), vit_seqlens=cat("vit_seqlens"),
-        latent_shapes=[s for p in packs for s in p.latent_shapes],
-        latent_position_ids=cat("latent_position_ids"), vae_token_indexes=cat("vae_token_indexes", True),
-        timesteps=cat("timesteps"), mse_loss_indexes=cat("mse_loss_indexes", True),
-        num_samples=sum(p.num_samples for p in packs), sample_ids=[i for p in packs for i in p.sample_ids])
-    images = [p.padded_images for p in packs if p.padded_images is not None]
-    if images:
-        # Each part was padded to its own maximum; re-pad to the joint maximum (top-left aligned).
-        max_h, max_w = max(t.shape[2] for t in images), max(t.shape[3] for t in images)
-        padded = torch.zeros(sum(t.shape[0] for t in images), 3, max_h, max_w, dtype=images[0].dtype)
-        row = 0
-        for part in images:
-            padded[row:row + part.shape[0], :, :part.shape[2], :part.shape[3]] = part
-            row += part.shape[0]
-        merged.padded_images = padded
-    return merged
+    return PackedBatch.concatenate(packs)
 
 
-def _count_dropout(items, packed: PackedBatch, stats: dict) -> None:
-    """Add how many droppable items this sample had and how many condition dropout removed."""
-    text_fixed = sum(1 for i in items if i.kind == "text" and not i.enable_cfg)
-    vit_fixed = sum(1 for i in items if i.kind == "vit_image" and not i.enable_cfg)
-    clean_fixed = sum(1 for i in items if i.kind == "vae_image" and not i.loss and not i.enable_cfg)
-    text_eligible = sum(1 for i in items if i.kind == "text" and i.enable_cfg)
-    vit_eligible = sum(1 for i in items if i.kind == "vit_image" and i.enable_cfg)
-    clean_eligible = sum(1 for i in items if i.kind == "vae_image" and not i.loss and i.enable_cfg)
-    kept_text = packed.attn_modes.count("causal") - text_fixed
-    kept_vit = (0 if packed.vit_seqlens is None else len(packed.vit_seqlens)) - vit_fixed
-    kept_clean = len(packed.latent_shapes) - packed.attn_modes.count("noise") - clean_fixed
-    stats["text_cfg_eligible"] += text_eligible
-    stats["text_cfg_dropped"] += text_eligible - kept_text
-    stats["vit_cfg_eligible"] += vit_eligible
-    stats["vit_cfg_dropped"] += vit_eligible - kept_vit
-    stats["vae_cfg_eligible"] += clean_eligible
-    stats["vae_cfg_dropped"] += clean_eligible - kept_clean
+# ------------------------------------------------------------------------------------- streamed rows
+def _is_streamed_dataset(records) -> bool:
+    try:
+        from datasets import IterableDataset as StreamedDataset
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return False
+    return isinstance(records, StreamedDataset)
+
+
+@dataclass
+class _Record:
+    """One raw RadGenome row of a streamed cohort, decoded into a ``SubjectRecord`` only when used."""
+
+    row: dict
+
+    @property
+    def subject_id(self) -> str:
+        return str(self.row.get("subject_id"))
+
+    def decode(self) -> SubjectRecord:
+        """The subject, with empty volumes dropped as ``iter_subject_records`` does (``ValueError`` if none is left)."""
+        from unibrain_hf.data.radgenome import drop_empty_volumes
+        from unibrain_hf.data.schema import row_to_record
+
+        record = row_to_record(self.row)
+        drop_empty_volumes(record)
+        if not record.volumes:
+            raise ValueError(f"subject {record.subject_id!r} has no non-empty volume")
+        return record
 
 
 # ------------------------------------------------------------------------------------- the dataset
@@ -203,8 +184,11 @@ class PackedDataset(IterableDataset):
     """Packed training batches from subject records under a token budget.
 
     Args:
-        records: a list of ``SubjectRecord``, or a callable returning a fresh iterator over them
-            (called once per epoch; must give the same records in the same order every time).
+        records: a list of ``SubjectRecord``; a callable returning a fresh iterator over them
+            (called once per epoch; must give the same records in the same order every time); or a
+            streamed cohort, ``load_radgenome(path, streaming=True, decode=False)``, which is split
+            by rank and DataLoader worker with ``datasets.distributed.split_dataset_by_node`` and
+            decoded one subject at a time (the cohort is never held in memory).
         task: ``"unified"`` (stage 2/3), ``"recon"`` (stage 1) or a callable
             ``(record, rng: numpy.random.Generator) -> BuiltSample``.
         processor: a ``UniBrainProcessor`` (tokenizer + image geometry).
@@ -213,31 +197,34 @@ class PackedDataset(IterableDataset):
         seed: data seed (UniBrain: 42).
         num_epochs: ``None`` cycles forever, reshuffling every epoch; an int stops after that many.
         rank, world_size: this process's share of the records under distributed training.
-        stream_shuffle_buffer: shuffle window for callable (streamed) sources.
+        stream_shuffle_buffer: shuffle window (in subjects) for streamed sources.
 
     ``stats`` counts records read, samples packed, invalid records (the builder raised
     ``ValueError``), too-long samples, samples the packer rejected, packs, and condition-dropout
     eligibility/drops per kind — summed over all workers' reported positions.
     """
 
-    def __init__(self, records: list[SubjectRecord] | Callable[[], Iterable[SubjectRecord]],
+    def __init__(self, records: list[SubjectRecord] | Callable[[], Iterable[SubjectRecord]] | "datasets.IterableDataset",
                  task: str | Callable[[SubjectRecord, np.random.Generator], BuiltSample], processor,
                  dropout: DropoutProbabilities | None = None, budget: TokenBudget | None = None, seed: int = 42,
                  num_epochs: int | None = None, rank: int = 0, world_size: int = 1,
                  stream_shuffle_buffer: int = 64):
         super().__init__()
-        if callable(records) and not isinstance(records, (list, tuple)):
-            self._record_list, self._record_stream = None, records
+        self._record_list = self._record_stream = self._rows = None
+        if _is_streamed_dataset(records):
+            self._rows = records
+        elif callable(records) and not isinstance(records, (list, tuple)):
+            self._record_stream = records
         elif isinstance(records, (list, tuple)):
             if not records:
                 raise ValueError("records is empty")
             bad = [type(r).__name__ for r in records if not isinstance(r, SubjectRecord)]
             if bad:
                 raise ValueError(f"records must be SubjectRecord instances; found {sorted(set(bad))}")
-            self._record_list, self._record_stream = list(records), None
+            self._record_list = list(records)
         else:
-            raise ValueError(f"records must be a list of SubjectRecord or a callable returning an iterator of them; "
-                             f"got {type(records).__name__}")
+            raise ValueError(f"records must be a list of SubjectRecord, a callable returning an iterator of them, or "
+                             f"a streamed RadGenome datasets.IterableDataset; got {type(records).__name__}")
         if isinstance(task, str):
             if task not in TASK_BUILDERS:
                 raise ValueError(f"task must be one of {sorted(TASK_BUILDERS)} or a callable; got {task!r}")
@@ -317,7 +304,7 @@ class PackedDataset(IterableDataset):
         build_seed, pack_seed = seq.spawn(2)
         return np.random.default_rng(build_seed), np.random.default_rng(pack_seed)
 
-    def _shard_order(self, epoch: int, shard: int, num_shards: int) -> Iterator[tuple[int, SubjectRecord]]:
+    def _shard_order(self, epoch: int, shard: int, num_shards: int) -> Iterator[tuple[int, _Record]]:
         """This shard's (record index, record) pairs for one epoch, in their shuffled order."""
         order_rng = np.random.default_rng(np.random.SeedSequence([self.seed, _ORDER_SALT, epoch]))
         if self._record_list is not None:
@@ -327,20 +314,40 @@ class PackedDataset(IterableDataset):
         # A stream cannot be permuted; shuffle within a bounded window instead (per-shard generator).
         window_rng = np.random.default_rng(np.random.SeedSequence([self.seed, _ORDER_SALT, epoch, shard]))
         window: list = []
-        for index, record in enumerate(self._record_stream()):
-            if index % num_shards != shard:
-                continue
-            window.append((index, record))
+        for pair in self._shard_stream(shard, num_shards):
+            window.append(pair)
             if len(window) >= self.stream_shuffle_buffer:
                 yield window.pop(int(window_rng.integers(len(window))))
         while window:
             yield window.pop(int(window_rng.integers(len(window))))
 
-    def _records_by_index(self, indices: set[int]) -> dict[int, SubjectRecord]:
+    def _shard_stream(self, shard: int, num_shards: int) -> Iterator[tuple[int, _Record]]:
+        """A streamed source's records of one shard, in stream order, as (record index, record).
+
+        Record ``i`` of the stream belongs to shard ``i mod num_shards``; for a ``datasets`` stream the
+        split is ``split_dataset_by_node`` by rank, then by worker (its rows come already split, so the
+        index is rebuilt as ``local position × num_shards + shard``, unique across shards). Rows are
+        decoded only when a record is used (:class:`_Record`), so skipping on resume is cheap.
+        """
+        if self._rows is not None:
+            from datasets.distributed import split_dataset_by_node
+
+            num_workers, slot = num_shards // self.world_size, shard % (num_shards // self.world_size)
+            rows = split_dataset_by_node(self._rows, rank=self.rank, world_size=self.world_size)
+            rows = split_dataset_by_node(rows, rank=slot, world_size=num_workers)
+            # `.iter()` (not `iter(rows)`): inside a DataLoader worker the latter would split by worker again.
+            for position, batch in enumerate(rows.iter(batch_size=1)):
+                yield position * num_shards + shard, _Record(row={k: v[0] for k, v in batch.items()})
+            return
+        for index, record in enumerate(self._record_stream()):
+            if index % num_shards == shard:
+                yield index, record
+
+    def _records_by_index(self, indices: set[int], shard: int, num_shards: int) -> dict[int, _Record]:
         if self._record_list is not None:
             return {i: self._record_list[i] for i in indices}
         found = {}
-        for index, record in enumerate(self._record_stream()):
+        for index, record in self._shard_stream(shard, num_shards):
             if index in indices:
                 found[index] = record
                 if len(found) == len(indices):
@@ -350,11 +357,13 @@ class PackedDataset(IterableDataset):
                              "a resumable stream must give the same records in the same order every time")
         return found
 
-    def _prepare(self, key_epoch: int, index: int, record: SubjectRecord, stats: dict) -> _ReadySample | None:
+    def _prepare(self, key_epoch: int, index: int, record, stats: dict) -> _ReadySample | None:
         """Build and pack one sample alone; None (counted, logged) when it cannot be used."""
         build_rng, pack_rng = self._sample_generators(key_epoch, index)
         subject = getattr(record, "subject_id", f"#{index}")
         try:
+            record = record.decode() if isinstance(record, _Record) else record
+            subject = record.subject_id
             built = self._build(record, build_rng)
         except ValueError as err:
             stats["invalid_records"] += 1
@@ -375,12 +384,13 @@ class PackedDataset(IterableDataset):
             stats["unpackable_samples"] += 1
             logger.warning("skipping sample of subject %r: %s [%d so far]", subject, err, stats["unpackable_samples"])
             return None
-        _count_dropout(built.items, packed, stats)
+        for name, value in packed.stats().items():
+            stats[name] += value
         return _ReadySample(key, num_tokens, packed)
 
-    def _rebuild(self, keys: list, stats: dict) -> list[_ReadySample]:
+    def _rebuild(self, keys: list, shard: int, num_shards: int) -> list[_ReadySample]:
         """Samples named by saved keys (rebuilt deterministically; their stats were counted already)."""
-        records = self._records_by_index({int(k[1]) for k in keys})
+        records = self._records_by_index({int(k[1]) for k in keys}, shard, num_shards)
         scratch = _new_stats()
         rebuilt = []
         for epoch, index, *_ in keys:
@@ -410,8 +420,8 @@ class PackedDataset(IterableDataset):
         shard = self.rank * num_workers + slot
         if state["finished"]:
             return
-        buffer = deque(self._rebuild(state["buffer"], stats)) if state["buffer"] else deque()
-        pack: list[_ReadySample] = self._rebuild(state["pending"], stats) if state["pending"] else []
+        buffer = deque(self._rebuild(state["buffer"], shard, num_shards)) if state["buffer"] else deque()
+        pack: list[_ReadySample] = self._rebuild(state["pending"], shard, num_shards) if state["pending"] else []
         fill = sum(s.packed.sequence_length for s in pack)
 
         def fresh_samples() -> Iterator[_ReadySample]:

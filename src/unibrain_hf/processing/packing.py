@@ -19,7 +19,7 @@ is reproducible.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -43,45 +43,75 @@ class DropoutProbabilities:
                 raise ValueError(f"dropout probability {name}={value} is outside [0, 1]")
 
 
+# How each PackedBatch field is merged when packs are concatenated (see ``PackedBatch.concatenate``).
+SUM, EXTEND, CAT, CAT_OFFSET, PAD_IMAGES = "sum", "extend", "cat", "cat_offset", "pad_images"
+
+
+def _field(merge: str, *, model_input: bool = False, stat: bool = False, **kwargs):
+    """A PackedBatch field whose metadata says how packs merge, and whether the model or the stats read it.
+
+    ``model_input``: passed to ``UniBrainForConditionalGeneration.forward`` under the field's name.
+    ``stat``: a counter the packed dataset adds to its statistics (and to its resume state).
+    """
+    return field(metadata={"merge": merge, "model_input": model_input, "stat": stat}, **kwargs)
+
+
 @dataclass
 class PackedBatch:
     """Tensors of one packed sequence, named as ``UniBrainForConditionalGeneration.forward`` expects.
 
-    ``padded_images`` holds every VAE image of the pack in [-1, 1], zero-padded to the largest
-    height/width; encode it with the VAE into ``padded_latents`` before calling the model.
+    This dataclass is the one definition of the packed-batch format: each field's metadata says
+    whether it is a model input, how it merges when packs are concatenated (index fields are
+    shifted by the preceding packs' length) and whether it is a statistic. ``padded_images``
+    holds every VAE image of the pack in [-1, 1], zero-padded to the largest height/width; encode
+    it with the VAE into ``padded_latents`` before calling the model.
     """
 
-    sequence_length: int
-    sample_lens: list[int]
-    split_lens: list[int]
-    attn_modes: list[str]
-    input_ids: torch.Tensor
-    text_indexes: torch.Tensor
-    position_ids: torch.Tensor
-    ce_loss_indexes: torch.Tensor
-    labels: torch.Tensor
-    vit_pixel_patches: torch.Tensor | None = None
-    vit_position_ids: torch.Tensor | None = None
-    vit_token_indexes: torch.Tensor | None = None
-    vit_seqlens: torch.Tensor | None = None
-    padded_images: torch.Tensor | None = None
-    latent_shapes: list[tuple[int, int]] = field(default_factory=list)
-    latent_position_ids: torch.Tensor | None = None
-    vae_token_indexes: torch.Tensor | None = None
-    timesteps: torch.Tensor | None = None
-    mse_loss_indexes: torch.Tensor | None = None
-    num_samples: int = 0
-    sample_ids: list = field(default_factory=list)
+    sequence_length: int = _field(SUM, model_input=True)
+    sample_lens: list[int] = _field(EXTEND, model_input=True)
+    split_lens: list[int] = _field(EXTEND, model_input=True)
+    attn_modes: list[str] = _field(EXTEND, model_input=True)
+    input_ids: torch.Tensor = _field(CAT, model_input=True)
+    text_indexes: torch.Tensor = _field(CAT_OFFSET, model_input=True)
+    position_ids: torch.Tensor = _field(CAT, model_input=True)
+    ce_loss_indexes: torch.Tensor = _field(CAT_OFFSET, model_input=True)
+    labels: torch.Tensor = _field(CAT, model_input=True)
+    vit_pixel_patches: torch.Tensor | None = _field(CAT, model_input=True, default=None)
+    vit_position_ids: torch.Tensor | None = _field(CAT, model_input=True, default=None)
+    vit_token_indexes: torch.Tensor | None = _field(CAT_OFFSET, model_input=True, default=None)
+    vit_seqlens: torch.Tensor | None = _field(CAT, model_input=True, default=None)
+    padded_images: torch.Tensor | None = _field(PAD_IMAGES, default=None)
+    latent_shapes: list[tuple[int, int]] = _field(EXTEND, model_input=True, default_factory=list)
+    latent_position_ids: torch.Tensor | None = _field(CAT, model_input=True, default=None)
+    vae_token_indexes: torch.Tensor | None = _field(CAT_OFFSET, model_input=True, default=None)
+    timesteps: torch.Tensor | None = _field(CAT, model_input=True, default=None)
+    mse_loss_indexes: torch.Tensor | None = _field(CAT_OFFSET, model_input=True, default=None)
+    num_samples: int = _field(SUM, default=0)
+    sample_ids: list = _field(EXTEND, default_factory=list)
+    # Condition dropout, counted by the packer as it decides (eligible items and dropped ones).
+    text_cfg_eligible: int = _field(SUM, stat=True, default=0)
+    text_cfg_dropped: int = _field(SUM, stat=True, default=0)
+    vit_cfg_eligible: int = _field(SUM, stat=True, default=0)
+    vit_cfg_dropped: int = _field(SUM, stat=True, default=0)
+    vae_cfg_eligible: int = _field(SUM, stat=True, default=0)
+    vae_cfg_dropped: int = _field(SUM, stat=True, default=0)
+
+    @classmethod
+    def model_input_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.metadata["model_input"])
+
+    @classmethod
+    def stat_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.metadata["stat"])
 
     def model_inputs(self, padded_latents: torch.Tensor | None = None) -> dict:
         """Keyword arguments for the model's training forward."""
-        inputs = {k: getattr(self, k) for k in (
-            "sequence_length", "sample_lens", "split_lens", "attn_modes", "input_ids", "text_indexes",
-            "position_ids", "ce_loss_indexes", "labels", "vit_pixel_patches", "vit_position_ids",
-            "vit_token_indexes", "vit_seqlens", "latent_shapes", "latent_position_ids", "vae_token_indexes",
-            "timesteps", "mse_loss_indexes")}
+        inputs = {name: getattr(self, name) for name in self.model_input_names()}
         inputs["padded_latents"] = padded_latents
         return inputs
+
+    def stats(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.stat_names()}
 
     @property
     def num_ce_tokens(self) -> int:
@@ -90,6 +120,43 @@ class PackedBatch:
     @property
     def num_mse_tokens(self) -> int:
         return 0 if self.mse_loss_indexes is None else int(self.mse_loss_indexes.numel())
+
+    @classmethod
+    def concatenate(cls, packs: list["PackedBatch"]) -> "PackedBatch":
+        """One pack from several, exactly as if their samples had been packed together.
+
+        The packer treats samples independently apart from the running token offset, so shifting
+        every index field by the preceding packs' lengths reproduces a joint pack.
+        """
+        if not packs:
+            raise ValueError("cannot concatenate an empty list of packs")
+        offsets = np.cumsum([0] + [p.sequence_length for p in packs[:-1]]).tolist()
+        merged = {}
+        for spec in fields(cls):
+            values = [getattr(p, spec.name) for p in packs]
+            merge = spec.metadata["merge"]
+            if merge == SUM:
+                merged[spec.name] = sum(values)
+            elif merge == EXTEND:
+                merged[spec.name] = [item for value in values for item in value]
+            elif merge in (CAT, CAT_OFFSET):
+                parts = [v + (offset if merge == CAT_OFFSET else 0) for v, offset in zip(values, offsets)
+                         if v is not None]
+                merged[spec.name] = torch.cat(parts) if parts else None
+            else:  # PAD_IMAGES: each part was padded to its own maximum; re-pad to the joint one
+                merged[spec.name] = _pad_images([image for part in values if part is not None for image in part])
+        return cls(**merged)
+
+
+def _pad_images(images: list[torch.Tensor]) -> torch.Tensor | None:
+    """(C, H, W) images → (N, C, max H, max W), zero-padded at the bottom/right (top-left aligned)."""
+    if not images:
+        return None
+    max_h, max_w = max(t.shape[-2] for t in images), max(t.shape[-1] for t in images)
+    padded = torch.zeros(len(images), images[0].shape[0], max_h, max_w, dtype=images[0].dtype)
+    for i, image in enumerate(images):
+        padded[i, :, :image.shape[-2], :image.shape[-1]] = image
+    return padded
 
 
 @dataclass(frozen=True)
@@ -174,6 +241,15 @@ class SequencePacker:
         vit_patches, vit_pos, vit_idx, vit_lens = [], [], [], []
         vae_images, latent_shapes, latent_pos, vae_idx, raw_t, mse_idx = [], [], [], [], [], []
         sample_lens, split_lens, modes = [], [], []
+        cfg = dict.fromkeys(PackedBatch.stat_names(), 0)
+
+        def dropped(kind: str, probability: float) -> bool:
+            """Condition dropout of one eligible item (counted); draws only when the rate is non-zero."""
+            cfg[f"{kind}_cfg_eligible"] += 1
+            drop_it = probability > 0 and rng.random() < probability
+            cfg[f"{kind}_cfg_dropped"] += int(drop_it)
+            return drop_it
+
         curr = 0
         for sample_number, items in enumerate(samples):
             if not items:
@@ -184,7 +260,7 @@ class SequencePacker:
                 if not isinstance(item, PlanItem):
                     raise TypeError(f"sample {sample_number} contains {type(item).__name__}, expected PlanItem")
                 if item.kind == "text":
-                    if item.enable_cfg and drop.text > 0 and rng.random() < drop.text:
+                    if item.enable_cfg and dropped("text", drop.text):
                         continue
                     ids = list(self.tokenize(item.text))
                     segment = [spec.bos_token_id] + ids + [spec.eos_token_id]
@@ -199,7 +275,7 @@ class SequencePacker:
                     split_lens.append(len(segment))
                     modes.append("causal")
                 elif item.kind == "vit_image":
-                    if item.enable_cfg and drop.vit > 0 and rng.random() < drop.vit:
+                    if item.enable_cfg and dropped("vit", drop.vit):
                         rope += 1
                         continue
                     tensor = self.vit_tensor(item.image)
@@ -218,7 +294,7 @@ class SequencePacker:
                     split_lens.append(count + 2)
                     modes.append("full")
                 else:  # vae_image
-                    if not item.loss and item.enable_cfg and drop.vae > 0 and rng.random() < drop.vae:
+                    if not item.loss and item.enable_cfg and dropped("vae", drop.vae):
                         rope += 1
                         continue
                     tensor = self.vae_tensor(item.image)
@@ -258,19 +334,14 @@ class SequencePacker:
             sequence_length=curr, sample_lens=sample_lens, split_lens=split_lens, attn_modes=modes,
             input_ids=long(text_ids), text_indexes=long(text_idx), position_ids=long(positions),
             ce_loss_indexes=long(ce_idx), labels=long(labels), num_samples=len(samples),
-            sample_ids=list(sample_ids) if sample_ids is not None else list(range(len(samples))))
+            sample_ids=list(sample_ids) if sample_ids is not None else list(range(len(samples))), **cfg)
         if vit_patches:
             batch.vit_pixel_patches = torch.cat(vit_patches)
             batch.vit_position_ids = torch.cat(vit_pos)
             batch.vit_token_indexes = long(vit_idx)
             batch.vit_seqlens = long(vit_lens)
         if vae_images:
-            max_h = max(t.shape[1] for t in vae_images)
-            max_w = max(t.shape[2] for t in vae_images)
-            padded = torch.zeros(len(vae_images), 3, max_h, max_w)
-            for i, tensor in enumerate(vae_images):
-                padded[i, :, :tensor.shape[1], :tensor.shape[2]] = tensor
-            batch.padded_images = padded
+            batch.padded_images = _pad_images(vae_images)
             batch.latent_shapes = latent_shapes
             batch.latent_position_ids = torch.cat(latent_pos)
             batch.vae_token_indexes = long(vae_idx)

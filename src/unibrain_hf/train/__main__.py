@@ -1,8 +1,10 @@
 """Entry point: ``accelerate launch -m unibrain_hf.train --config configs/<name>.yaml [key=value ...]``.
 
     python -m unibrain_hf.train --config configs/tiny_unified.yaml data.path=out/cohort train.max_steps=20
-    accelerate launch --num_processes 2 --cpu -m unibrain_hf.train --config configs/tiny_unified.yaml
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m unibrain_hf.train --config configs/tiny_unified.yaml
     python -m unibrain_hf.train --config configs/tiny_unified.yaml --resume            # latest checkpoint
+
+Exit status: 0 done, 2 bad config or input (nothing was written), 3 a checkpoint that cannot be resumed.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
 
-    from .checkpoint import CheckpointError
+    from ..errors import CheckpointError, UniBrainError
     from .config import dump_config, load_config
 
     try:
         config = load_config(args.config, args.overrides, check_paths=not args.print_config)
-    except (ValueError, FileNotFoundError) as exc:
+    except UniBrainError as exc:
         print(f"unibrain train: config error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"unibrain train: checkpoint error: {exc}", file=sys.stderr)
         return 3
+    except UniBrainError as exc:
+        print(f"unibrain train: {exc}", file=sys.stderr)
+        return 2
     last = result.losses[-1] if result.losses else {}
     print(f"finished at step {result.steps}; last loss {last.get('loss')}; "
           f"exported {result.export_dir}" if result.export_dir else f"stopped at step {result.steps}")

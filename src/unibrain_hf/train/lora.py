@@ -37,13 +37,40 @@ def lora_target_regex(preset: str, projections=ATTENTION + MLP) -> str:
 
 
 def apply_lora(model, preset: str = "both", rank: int = 8, alpha: int = 32, dropout: float = 0.1,
-               projections=ATTENTION + MLP):
-    """Wrap ``model`` with fresh LoRA adapters; only adapter weights remain trainable."""
+               projections=ATTENTION + MLP, target_modules=None):
+    """Wrap ``model`` with fresh LoRA adapters; only adapter weights remain trainable.
+
+    ``target_modules`` (a peft regex or list of names) replaces the preset's regex. A target that
+    matches no module of ``model`` is a :class:`~unibrain_hf.errors.ConfigError`, raised before
+    anything is trained.
+    """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=lora_target_regex(preset, tuple(projections)), bias="none")
-    return get_peft_model(model, config)
+    from ..errors import ConfigError
+
+    targets = target_modules if target_modules is not None else lora_target_regex(preset, tuple(projections))
+    where = "lora.target_modules" if target_modules is not None else f"lora.preset={preset!r} / lora.projections"
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as exc:  # peft: "Target modules ... not found in the base model"
+        raise ConfigError(f"{where} matches no module of the model ({targets!r}): {exc}") from None
+    if not any("lora_" in name for name, _ in wrapped.named_parameters()):
+        raise ConfigError(f"{where} matches no module of the model ({targets!r})")
+    return wrapped
+
+
+def resolve_lora(model, section):
+    """The model to train for a config's ``lora:`` section: peft-wrapped when enabled, else unchanged.
+
+    The one place LoRA is decided; everything downstream (stage predicate, checkpoint, export)
+    works on whatever this returns.
+    """
+    if not section.enabled:
+        return model
+    model.requires_grad_(False)
+    return apply_lora(model, section.preset, section.rank, section.alpha, section.dropout, section.projections,
+                      section.target_modules)
 
 
 def load_lora(model, adapter_dir: str | Path, merge: bool = False, adapter_name: str = "default"):

@@ -13,8 +13,11 @@ sequence order, with a training-time KV cache:
 * finally one ordinary packed forward (all VAE slots holding the latents actually used, t = 0)
   gives the cross-entropy on the text.
 
-The reference additionally issues dummy forwards so that every FSDP rank calls the sharded
-modules equally often; FSDP2 here does not need them, and they add nothing to the losses.
+The number of decoder calls per pack depends on the pack (one per text run and per image), so
+ranks holding different packs call each layer a different number of times. DDP copes (one
+gradient all-reduce per step); parameter sharding does not (every call of an FSDP2 / ZeRO-3 unit
+is an all-gather that every rank must join), so the trainer refuses this stage under FSDP2 and
+ZeRO-3. The reference pads with dummy forwards to equalise the calls; that is not done here.
 
     python -c "from unibrain_hf.train.self_forcing import self_forcing_forward; help(self_forcing_forward)"
 """

@@ -1,31 +1,79 @@
-"""The UniBrain training loop on ``accelerate`` (one file for all three stages).
+"""The UniBrain trainer: one training path for one process, DDP, FSDP2 and DeepSpeed ZeRO-3.
 
     accelerate launch -m unibrain_hf.train --config configs/tiny_unified.yaml
     python -m unibrain_hf.train --config configs/tiny_align.yaml train.max_steps=50   # single CPU process
 
-Per step: VAE-encode the pack's images (posterior sampled, no grad) → the stage's forward
-(:meth:`UniBrainForConditionalGeneration.forward`, or :func:`self_forcing_forward` for ``dhs``) →
-loss = CE + MSE as *global token means* (per-rank token sums, normalised by the token counts
-summed over ranks, times the world size, because DDP/FSDP average gradients over ranks) →
-AdamW (β 0.9/0.95, ε 1e-15, no weight decay), gradient clipping, constant LR after linear
-warm-up, EMA. Checkpoints every ``save_every`` steps (and on SIGINT/SIGTERM after the current
-step); ``--resume`` continues exactly where a run stopped.
+:class:`Trainer` builds everything once — the launch layout is checked (and a resumed
+checkpoint's metadata compared with it) before anything is loaded or written; then model, LoRA,
+data stream, the wrapped (possibly sharded) model, and, on the *prepared* parameters, the
+optimizer, LR schedule and EMA. :meth:`Trainer.train_step` runs one optimizer step:
+
+* each pack of the step (``train.packs_per_step`` per process) is VAE-encoded (posterior sampled,
+  no grad) and run through the stage's forward (:mod:`.stages`);
+* loss = CE + MSE as *global token means*: the token counts of the whole step are summed over
+  ranks first, each pack contributes its token sums divided by them, times the world size
+  (DDP and FSDP average gradients over ranks), so one process with N packs per step and N
+  processes with one pack each compute the same loss and gradients;
+* AdamW (β 0.9/0.95, ε 1e-15, no weight decay), clipping on the global gradient norm, LR schedule
+  after linear warm-up (constant, cosine or linear with a floor), EMA.
+
+Every random draw of a pack (VAE posterior, flow noise, self-forcing timesteps, LoRA dropout) is
+made under a generator seeded from ``train.seed`` and the pack's sample keys, so the numbers do
+not depend on which rank holds the pack or on how often the run was interrupted: checkpoints need
+no RNG state and a resumed run repeats the uninterrupted losses exactly. Checkpoints every
+``save_every`` steps (and on SIGINT/SIGTERM after the current step) through :mod:`.checkpoint`;
+the export (:mod:`.export`) is gathered from the EMA or the trained weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import secrets
 import signal
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from ..errors import CheckpointError, ConfigError
+from .checkpoint import (
+    check_compatible,
+    checkpoint_name,
+    human_bytes,
+    inspect_checkpoint,
+    load_tensors,
+    read_full_tensors,
+    read_rank_state,
+    remove_orphans,
+    resolve_resume,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .ema import ExponentialMovingAverage
-from .stages import configure_stage
+from .parallel import (
+    REPLICATED,
+    ZERO3,
+    checkpoint_state,
+    clean_name,
+    clip_grad_norm,
+    deepspeed_grad_norm,
+    full_state_dict,
+    gradient_sync,
+    load_checkpoint_state,
+    plan_parallelism,
+    prepare,
+    torch_optimizer,
+    unwrap,
+)
+from .stages import STAGES, StageModule, unwrap_peft
+
+_PACK_SEED_SALT = 0x7A1E
 
 
 class StopRequested:
@@ -58,6 +106,9 @@ class TrainResult:
     losses: list[dict]
     export_dir: Path | None
     stopped_early: bool
+    last_checkpoint: Path | None = None  # pass it as `model.weights` to start a stage from these trained weights
+    world_size: int = 1
+    checkpoints: list[dict] = field(default_factory=list)  # {"step", "path", "disk_bytes"} per checkpoint written
 
 
 # ------------------------------------------------------------------------------------- components
@@ -74,216 +125,383 @@ def load_components(config: TrainConfig):
         model = UniBrainForConditionalGeneration.from_pretrained(str(pretrained),
                                                                  attn_implementation=section.attn_implementation,
                                                                  dtype=torch.float32)
-        if section.weights:
-            _load_weights(model, Path(section.weights))
     else:
         presets = {"tiny": UniBrainConfig.tiny, "bagel_7b_mot": UniBrainConfig.bagel_7b_mot}
-        if section.preset not in presets:
-            raise ValueError(f"model.preset must be one of {sorted(presets)}, got {section.preset!r}")
         model_config = presets[section.preset](**section.preset_overrides)
         model_config._attn_implementation = section.attn_implementation
         torch.manual_seed(config.train.seed)
         model = UniBrainForConditionalGeneration(model_config)
-    vae_dir = section.vae or (str(pretrained / "vae") if pretrained else None)
-    tokenizer_dir = section.tokenizer or (str(pretrained / "tokenizer") if pretrained else None)
-    if vae_dir is None or tokenizer_dir is None:
-        raise ValueError("model.vae and model.tokenizer must be set when model.pretrained is not a pipeline directory")
+    if section.weights:
+        load_weights(model, Path(section.weights))
+    vae_dir = section.vae or str(pretrained / "vae")
+    tokenizer_dir = section.tokenizer or str(pretrained / "tokenizer")
     vae = AutoencoderKL.from_pretrained(vae_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     vae.requires_grad_(False).eval()
     return model, vae, tokenizer
 
 
-def _load_weights(model, path: Path) -> None:
-    """Load a full model state (e.g. a checkpoint's raw ``model.safetensors``) over the pretrained weights."""
-    from safetensors.torch import load_file
+def load_weights(model, path: Path) -> None:
+    """Load ``model.weights`` over the pretrained weights: a safetensors file, or a checkpoint's trained weights."""
+    from ..utils.readers import read_safetensors
 
-    if not path.exists():
-        raise FileNotFoundError(f"model.weights {path} does not exist")
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if path.is_dir():
+        state = inspect_checkpoint(path)
+        if state["fingerprint"]["lora"]["enabled"]:
+            raise ConfigError(f"model.weights {path} is a LoRA run's checkpoint (adapters only); start from that "
+                              "run's exported pipeline (model.pretrained) instead")
+        weights = read_full_tensors(path, "model.")
+    else:
+        weights = read_safetensors(path, what="model.weights")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [m for m in missing if not _is_fixed_buffer(m)]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if unexpected or (missing and not path.is_dir()):  # a checkpoint holds only what its stage trained
+        raise ConfigError(f"model.weights {path} does not fit the model: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")
 
 
-def build_dataset(config: TrainConfig, processor, rank: int, world_size: int):
-    from ..data.packed_dataset import PackedDataset, TokenBudget
-    from ..processing.packing import DropoutProbabilities
-
-    import functools
-
-    from ..data.sequence_builder import build_recon_sample, build_unified_sample
-
-    data = config.data
-    task = build_recon_sample if config.stage == "align" else functools.partial(build_unified_sample,
-                                                                                image_size=data.image_size)
-    budget = TokenBudget(expected_num_tokens=data.expected_num_tokens, max_num_tokens=data.max_num_tokens,
-                         max_num_tokens_per_sample=data.max_num_tokens_per_sample,
-                         prefer_buffer_before=data.prefer_buffer_before)
-    dropout = DropoutProbabilities(text=data.text_dropout, vit=data.vit_dropout, vae=data.vae_dropout)
-    from ..data.radgenome import iter_subject_records
-
-    records = list(iter_subject_records(data.path, split=data.split))
-    if not records:
-        raise ValueError(f"no usable subjects in {data.path} (split {data.split!r})")
-    dataset = PackedDataset(records, task=task, processor=processor, dropout=dropout, budget=budget,
-                            seed=config.train.data_seed, num_epochs=data.num_epochs, rank=rank, world_size=world_size)
-    return dataset, records
+def _is_fixed_buffer(name: str) -> bool:
+    return "pos_embed" in name or "rotary_emb" in name
 
 
-# ------------------------------------------------------------------------------------- the loop
-def train(config: TrainConfig, resume: str | None = None, accelerator=None, max_steps: int | None = None,
-          progress: bool = True) -> TrainResult:
-    """Run (or resume) a training run described by ``config``; returns the losses per step."""
+def build_scheduler(optimizer, train):
+    """The LR schedule over ``train.max_steps``: linear warm-up, then constant / cosine / linear to the floor."""
+    from transformers import get_scheduler
+
+    name, kwargs = {"constant": ("constant_with_warmup", {}),
+                    "cosine": ("cosine_with_min_lr", {"min_lr_rate": train.min_lr_ratio}),
+                    "linear": ("polynomial", {"lr_end": train.learning_rate * train.min_lr_ratio, "power": 1.0}),
+                    }[train.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=train.max_steps,
+                         scheduler_specific_kwargs=kwargs)
+
+
+def _make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_constant_schedule_with_warmup
-
-    from ..data.packed_dataset import packed_dataloader
-    from ..modeling.checkpointing import enable_activation_checkpointing
-    from ..modeling.vae import encode_latents
-    from ..processing.processor import UniBrainProcessor
-    from .lora import apply_lora
-    from .self_forcing import self_forcing_forward
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     output_dir = Path(config.train.output_dir)
-    if accelerator is None:
-        log_with = "tensorboard" if _has_tensorboard() else None
-        accelerator = Accelerator(mixed_precision=config.train.mixed_precision, log_with=log_with,
-                                  project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                                                      logging_dir=str(output_dir / "logs")))
-    set_seed(config.train.seed + accelerator.process_index)
-    model, vae, tokenizer = load_components(config)
-    configure_stage(model, config.stage)
-    if config.model.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    if config.lora.enabled:
-        model.requires_grad_(False)
-        model = apply_lora(model, config.lora.preset, config.lora.rank, config.lora.alpha, config.lora.dropout,
-                           config.lora.projections)
-    base_model = model.get_base_model() if config.lora.enabled else model
-    processor = UniBrainProcessor.for_model(base_model.config, tokenizer, vae_max_size=config.data.vae_max_size,
-                                            vae_min_size=config.data.vae_min_size,
-                                            vit_max_size=config.data.vit_max_size,
-                                            vit_min_size=config.data.vit_min_size)
-    dataset, records = build_dataset(config, processor, accelerator.process_index, accelerator.num_processes)
-    samples = None
-    if config.train.sample_every and accelerator.is_main_process:
-        from .samples import SamplePanelWriter
+    log_with = "tensorboard" if _has_tensorboard() else None
+    # Without an accelerator device, accelerate must be told to use the CPU: a process launched by
+    # torchrun (every multi-process accelerate config except MULTI_CPU+mpirun) otherwise concludes
+    # it is not distributed at all and trains alone. find_unused_parameters: a pack may use no ViT
+    # image or no text loss, leaving the vision tower or lm_head without a gradient on that rank.
+    return Accelerator(cpu=not torch.accelerator.is_available(), mixed_precision=config.train.mixed_precision,
+                       log_with=log_with, project_config=ProjectConfiguration(
+                           project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
-        samples = SamplePanelWriter(records, output_dir, config.data.image_size)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("nothing to train: the stage and LoRA settings froze every parameter")
-    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=config.train.learning_rate,
-                                  betas=(config.train.beta1, config.train.beta2), eps=config.train.eps,
-                                  weight_decay=config.train.weight_decay)
-    scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=config.train.warmup_steps)
-    ema = ExponentialMovingAverage(trainable, config.train.ema_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    vae.to(accelerator.device)
 
-    step = 0
-    fingerprint = config.fingerprint()
-    if resume:
-        path = latest_checkpoint(output_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            raise CheckpointError(f"--resume: no checkpoint found under {output_dir / 'checkpoints'}")
-        state = load_checkpoint(path, fingerprint)
-        unwrapped = accelerator.unwrap_model(model)
-        missing, unexpected = unwrapped.load_state_dict(state["model"], strict=False)
-        if unexpected or [m for m in missing if not _is_fixed_buffer(m)]:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]}")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state["ema"] is not None:
-            ema.load_state_dict(state["ema"])
-        if state["data"] is not None:
-            dataset.load_state_dict(state["data"])
-        step = state["step"]
-        accelerator.print(f"resumed from {path} at step {step}")
+def _has_tensorboard() -> bool:
+    import importlib.util
 
-    if accelerator.is_main_process and accelerator.log_with:
-        accelerator.init_trackers("unibrain", config={"stage": config.stage, "lr": config.train.learning_rate})
-    loader = packed_dataloader(dataset, num_workers=config.data.num_workers)
-    batches = iter(loader)
-    # Starting the loader's iteration draws from the global RNG (DataLoader's shared seed), so the
-    # saved RNG state is restored only after the first batch has been fetched: step N+1 then sees
-    # exactly the random numbers of the uninterrupted run.
-    pending_rng = state if resume else None
-    total_steps = max_steps or config.train.max_steps
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and accelerator.is_local_main_process),
-               desc=f"{config.stage}")
-    losses: list[dict] = []
-    stopped_early = False
-    peak_flops = _peak_flops(accelerator.device)
-    active_parameters = _active_parameters(accelerator.unwrap_model(model))
-    with StopRequested() as stop:
-        while step < total_steps:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def pack_seed(seed: int, batch) -> int:
+    """The seed of every random draw made for ``batch``: a function of the run seed and its samples' keys."""
+    keys = []
+    for key in batch.sample_ids:
+        keys.extend(int(part) for part in (key[:2] if isinstance(key, tuple) else (key,)))
+    return int(np.random.SeedSequence([seed, _PACK_SEED_SALT, *keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# ------------------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Everything one run needs, built once; see the module docstring for what a step does."""
+
+    def __init__(self, config: TrainConfig, resume: str | Path | None = None, accelerator=None, progress: bool = True):
+        from accelerate.utils import set_seed
+
+        from ..modeling.checkpointing import enable_activation_checkpointing
+        from ..processing.processor import UniBrainProcessor
+        from .data import build_dataset
+        from .lora import resolve_lora
+
+        self.config = config
+        self.progress = progress
+        self.output_dir = Path(config.train.output_dir)
+        self.accelerator = accelerator or _make_accelerator(config)
+        self.stage = STAGES[config.stage]
+        # ---- checks: nothing has been loaded or written yet
+        self.plan = plan_parallelism(self.accelerator, self.stage, config)
+        if config.train.sample_every and self.plan.sharding != REPLICATED:
+            raise ConfigError("train.sample_every needs every rank to hold the whole model; set it to 0 under "
+                              f"{self.plan.describe()}")
+        self.fingerprint = config.fingerprint()
+        self.layout = {"world_size": self.plan.world_size, "sharding": self.plan.sharding,
+                       "num_workers": config.data.num_workers, "packs_per_step": config.train.packs_per_step}
+        resume_state = None
+        if resume:
+            path = resolve_resume(self.output_dir, resume)
+            resume_state = inspect_checkpoint(path)
+            check_compatible(resume_state, self.fingerprint, self.layout)
+
+        # ---- components (the same seed on every rank: identical initial weights and adapters)
+        set_seed(config.train.seed)
+        model, self.vae, self.tokenizer = load_components(config)
+        self.stage.apply(model)
+        if config.model.gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        model = resolve_lora(model, config.lora)
+        if config.lora.enabled:  # adapters follow the stage's predicate too (e.g. align: generation expert only)
+            for name, parameter in model.named_parameters():
+                if parameter.requires_grad:
+                    parameter.requires_grad_(self.stage.is_trainable(name))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError("nothing to train: the stage and LoRA settings froze every parameter")
+        base = unwrap_peft(model)
+        self.processor = UniBrainProcessor.for_model(
+            base.config, self.tokenizer, vae_max_size=config.data.vae_max_size, vae_min_size=config.data.vae_min_size,
+            vit_max_size=config.data.vit_max_size, vit_min_size=config.data.vit_min_size)
+        self.dataset = build_dataset(config, self.processor, self.plan.rank, self.plan.world_size)
+
+        # ---- the wrapped model, then optimizer / schedule / EMA on its (possibly sharded) parameters
+        train = config.train
+        self.module, self.optimizer = prepare(
+            self.accelerator, self.plan, StageModule(model, self.stage),
+            lambda parameters: torch.optim.AdamW(parameters, lr=train.learning_rate, betas=(train.beta1, train.beta2),
+                                                 eps=train.eps, weight_decay=train.weight_decay),
+            max_grad_norm=train.max_grad_norm)
+        self.model = unwrap(self.accelerator, self.module).model
+        self.named_parameters = [(clean_name(n), p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.parameters = [p for _, p in self.named_parameters]
+        self.scheduler = build_scheduler(torch_optimizer(self.optimizer), train)
+        self.ema = ExponentialMovingAverage(self.named_parameters, train.ema_decay)
+        self.vae.to(self.accelerator.device)
+        self.step = 0
+        self.checkpoints: list[dict] = []
+        self.resumed_from: Path | None = None
+        self._token = self._agree_on_token()
+        if resume_state is not None:
+            self.load_checkpoint(resume_state)
+        self._log(f"[rank {self.plan.rank}/{self.plan.world_size}] {self.plan.describe()} on "
+                  f"{self.accelerator.device} (backend {self.accelerator.state.backend}); "
+                  f"{sum(_local_numel(p) for p in self.parameters)} trainable parameter elements held by this rank",
+                  every_rank=True)
+
+    # --------------------------------------------------------------------------------- helpers
+    def _log(self, message: str, every_rank: bool = False) -> None:
+        if every_rank or self.accelerator.is_main_process:
+            print(message, file=sys.stderr, flush=True)
+
+    def _agree_on_token(self) -> str:
+        """A random token shared by all ranks: the name of this run's temporary checkpoint folders."""
+        token = torch.tensor([secrets.randbits(31)], dtype=torch.long)
+        if self.plan.distributed:
+            token = token.to(self.accelerator.device)
+            dist.broadcast(token, src=0)
+        return f"{int(token.item()):08x}"
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        if self.plan.distributed:
+            dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    # --------------------------------------------------------------------------------- one step
+    def train_step(self, packs: list) -> dict:
+        """One optimizer step over this rank's ``packs``; returns the step's global metrics."""
+        from ..modeling.vae import encode_latents
+
+        accelerator, train = self.accelerator, self.config.train
+        device, world = accelerator.device, self.plan.world_size
+        started = time.perf_counter()
+        ce_total, mse_total = self._sum_over_ranks([sum(b.num_ce_tokens for b in packs),
+                                                    sum(b.num_mse_tokens for b in packs)])
+        self.module.train()
+        step_parts = torch.zeros(3, dtype=torch.float64)
+        devices = [device] if device.type == "cuda" else []
+        for index, batch in enumerate(packs):
+            with gradient_sync(self.module, enabled=index == len(packs) - 1), \
+                    torch.random.fork_rng(devices=devices):
+                torch.manual_seed(pack_seed(train.seed, batch))
+                with torch.no_grad():
+                    latents = encode_latents(self.vae, batch.padded_images.to(device)) \
+                        if batch.padded_images is not None else None
+                with accelerator.autocast():
+                    output = self.module(batch, latents)
+                zero = torch.zeros((), device=device)
+                ce = output.ce_per_token.sum() / ce_total if output.ce_per_token is not None and ce_total else zero
+                mse = output.mse_per_element.mean(dim=-1).sum() / mse_total \
+                    if output.mse_per_element is not None and mse_total else zero
+                loss = train.ce_weight * ce + train.mse_weight * mse
+                backward = loss * world  # DDP / FSDP average gradients over ranks
+                if backward.requires_grad:
+                    accelerator.backward(backward)
+            step_parts += torch.tensor([float(loss.detach()), float(ce.detach()), float(mse.detach())],
+                                       dtype=torch.float64)
+        loss, ce, mse = self._sum_over_ranks(step_parts.tolist())
+        grad_norm = clip_grad_norm(accelerator, self.plan, self.module, self.parameters, train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.plan.sharding == ZERO3:
+            grad_norm = deepspeed_grad_norm(self.module)
+        self.ema.update()
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        tokens = self._sum_over_ranks([sum(b.sequence_length for b in packs)])[0]
+        return {"step": self.step, "loss": loss, "ce": ce if ce_total else None, "mse": mse if mse_total else None,
+                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                "tokens_per_second": tokens / max(elapsed, 1e-9)}
+
+    # --------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """This rank's full training state: ``tensors`` (sharded as trained), rank-0 ``trainer`` JSON, ``rank`` JSON."""
+        model_state, optimizer_state = checkpoint_state(self.model, self.optimizer)
+        return {
+            "step": self.step,
+            "tensors": {"model": model_state, "optimizer": optimizer_state["state"], "ema": self.ema.state_dict()},
+            "trainer": {"scheduler": self.scheduler.state_dict(), "param_groups": optimizer_state["param_groups"],
+                        "fingerprint": self.fingerprint, "layout": self.layout},
+            "rank": {"rank": self.plan.rank, "world_size": self.plan.world_size, "data": self.dataset.state_dict()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        tensors = state["tensors"]
+        load_checkpoint_state(self.model, self.optimizer, tensors["model"],
+                              {"state": tensors["optimizer"], "param_groups": state["trainer"]["param_groups"]})
+        self.ema.load_state_dict(tensors["ema"])
+        self.scheduler.load_state_dict(state["trainer"]["scheduler"])
+        self.dataset.load_state_dict(state["rank"]["data"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> Path:
+        state = self.state_dict()
+        path, size = save_checkpoint(self.output_dir, self.step, state["tensors"], state["trainer"], state["rank"],
+                                     token=self._token, keep_last=self.config.train.keep_checkpoints)
+        size = int(self._sum_over_ranks([float(size)])[0])  # only rank 0 measured it
+        self.checkpoints.append({"step": self.step, "path": str(path), "disk_bytes": size})
+        self._log(f"checkpoint {path.name}: {human_bytes(size)} on disk ({path})")
+        if self.accelerator.log_with:
+            self.accelerator.log({"checkpoint_mib": size / 2**20}, step=self.step)
+        return path
+
+    def load_checkpoint(self, checkpoint: dict | str | Path) -> None:
+        """Continue from a checkpoint (``inspect_checkpoint``'s result or a folder) of this run's layout."""
+        if not isinstance(checkpoint, dict):
+            checkpoint = inspect_checkpoint(checkpoint)
+            check_compatible(checkpoint, self.fingerprint, self.layout)
+        path = Path(checkpoint["path"])
+        state = self.state_dict()
+        load_tensors(path, state["tensors"])  # fills this rank's (sharded) tensors in place
+        rank_state = read_rank_state(path, self.plan.rank)
+        if rank_state.get("rank") != self.plan.rank:
+            raise CheckpointError(f"checkpoint {path}: rank file of rank {self.plan.rank} names rank "
+                                  f"{rank_state.get('rank')}")
+        self.load_state_dict({"step": checkpoint["step"], "tensors": state["tensors"], "trainer": checkpoint,
+                              "rank": rank_state})
+        self.resumed_from = path
+        self._log(f"resumed from {path} at step {self.step}")
+
+    def export(self) -> Path:
+        """``<output_dir>/pipeline`` (+ ``lora_adapter``) from the EMA or the trained weights (all ranks call this)."""
+        from .export import write_export
+
+        use_ema = self.config.train.export_weights == "ema"
+        with self.ema.applied() if use_ema else contextlib.nullcontext():
+            state = full_state_dict(self.model, self.plan)
+        final = self.output_dir / "pipeline"
+        if self.accelerator.is_main_process:
+            final = write_export(state, self.model, self.vae, self.tokenizer, self.processor, self.output_dir)
+        del state
+        self.accelerator.wait_for_everyone()
+        return final
+
+    # --------------------------------------------------------------------------------- the loop
+    def _next_packs(self, batches) -> list:
+        packs = []
+        for _ in range(self.config.train.packs_per_step):
             try:
-                batch = next(batches)
+                packs.append(next(batches))
             except StopIteration:
-                accelerator.print("the data ran out; stopping after a final checkpoint")
-                stopped_early = True
                 break
-            if pending_rng is not None:
-                restore_rng(pending_rng)
-                pending_rng = None
-            started = time.perf_counter()
-            model.train()
-            with torch.no_grad():
-                latents = encode_latents(vae, batch.padded_images.to(accelerator.device)) \
-                    if batch.padded_images is not None else None
-            with accelerator.autocast():
-                if config.stage == "dhs":
-                    output = self_forcing_forward(accelerator.unwrap_model(model) if not config.lora.enabled
-                                                  else model, batch, latents)
-                else:
-                    output = model(**batch.model_inputs(latents))
-            loss, parts = _global_token_mean_loss(output, accelerator, config)
-            if not loss.requires_grad:  # no loss token on this rank: still join the (distributed) backward
-                loss = loss + sum(p.sum() * 0.0 for _, p in trainable)
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_([p for _, p in trainable], config.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(trainable)
-            step += 1
-            elapsed = time.perf_counter() - started
-            tokens_per_second = batch.sequence_length * accelerator.num_processes / max(elapsed, 1e-9)
-            record = {"step": step, "loss": float(loss.detach()), **parts,
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                      "tokens_per_second": tokens_per_second}
-            if peak_flops:
-                # Each token passes through one expert: ~half of the decoder weights, 6 FLOPs per weight.
-                record["mfu"] = 6 * active_parameters * tokens_per_second / (peak_flops * accelerator.num_processes)
-            losses.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if step % config.train.log_every == 0 or step == 1:
-                accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
-            if samples is not None and step % config.train.sample_every == 0:
-                base = accelerator.unwrap_model(model)
-                samples.write(step, base.get_base_model() if config.lora.enabled else base, vae, tokenizer, processor)
-            if step % config.train.save_every == 0 or stop.requested:
-                _save(accelerator, output_dir, step, model, ema, optimizer, scheduler, dataset, fingerprint)
-            if stop.requested:
-                accelerator.print(f"stop requested: saved step {step} and exiting cleanly")
-                stopped_early = True
-                break
-    bar.close()
-    if step % config.train.save_every and not stop.requested:
-        _save(accelerator, output_dir, step, model, ema, optimizer, scheduler, dataset, fingerprint)
-    export_dir = None
-    if config.train.export_pipeline and not stopped_early and accelerator.is_main_process:
-        export_dir = export_run(accelerator.unwrap_model(model), ema, vae, tokenizer, processor, output_dir,
-                                lora=config.lora.enabled)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(output_dir, step, losses, export_dir, stopped_early)
+        return packs
+
+    def fit(self, max_steps: int | None = None) -> TrainResult:
+        """Train until ``train.max_steps`` (or ``max_steps`` in this call), the data runs out, or a stop signal."""
+        from tqdm.auto import tqdm
+
+        from ..data.packed_dataset import packed_dataloader
+
+        accelerator, train = self.accelerator, self.config.train
+        if accelerator.is_main_process:
+            for orphan in remove_orphans(self.output_dir):
+                self._log(f"removed {orphan}, an unfinished checkpoint of an interrupted save")
+            (self.output_dir / "logs").mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process and accelerator.log_with:
+            accelerator.init_trackers("unibrain", config={"stage": self.config.stage, "lr": train.learning_rate})
+        samples = None
+        if train.sample_every and accelerator.is_main_process:
+            from .data import first_subjects
+            from .samples import SamplePanelWriter
+
+            samples = SamplePanelWriter(first_subjects(self.config), self.output_dir, self.config.data.image_size)
+        batches = iter(packed_dataloader(self.dataset, num_workers=self.config.data.num_workers))
+        total = min(max_steps or train.max_steps, train.max_steps)
+        bar = tqdm(total=total, initial=self.step, desc=self.config.stage,
+                   disable=not (self.progress and accelerator.is_local_main_process))
+        metrics_file = self.output_dir / "logs" / "metrics.jsonl"
+        losses: list[dict] = []
+        stopped_early = False
+        last_checkpoint = self.resumed_from  # already on disk: not written again if no step follows
+        peak_flops = _peak_flops(accelerator.device)
+        active_parameters = _active_parameters(self.model)
+        with StopRequested() as stop:
+            while self.step < total:
+                packs = self._next_packs(batches)
+                # Every rank must agree before stepping: all have data, and whether anyone was asked to stop.
+                have_data, stopping = self._sum_over_ranks([float(len(packs) == train.packs_per_step),
+                                                            float(stop.requested)])
+                if have_data < self.plan.world_size:
+                    self._log("the data ran out; stopping after a final checkpoint")
+                    stopped_early = True
+                    break
+                record = self.train_step(packs)
+                if peak_flops:
+                    # Each token passes through one expert: ~half of the decoder weights, 6 FLOPs per weight.
+                    record["mfu"] = 6 * active_parameters * record["tokens_per_second"] / (
+                        peak_flops * self.plan.world_size)
+                losses.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if accelerator.is_main_process:
+                    with metrics_file.open("a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                if self.step % train.log_every == 0 or self.step == 1:
+                    accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=self.step)
+                if samples is not None and self.step % train.sample_every == 0:
+                    samples.write(self.step, unwrap_peft(self.model), self.vae, self.tokenizer, self.processor)
+                if train.save_every and (self.step % train.save_every == 0 or stopping):
+                    last_checkpoint = self.save_checkpoint()
+                if stopping:
+                    self._log(f"stop requested: saved step {self.step} and exiting cleanly")
+                    stopped_early = True
+                    break
+        bar.close()
+        if train.save_every and self.step and (last_checkpoint is None or
+                                               last_checkpoint.name != checkpoint_name(self.step)):
+            last_checkpoint = self.save_checkpoint()
+        export_dir = None
+        if train.export_pipeline and not stopped_early:
+            export_dir = self.export()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return TrainResult(self.output_dir, self.step, losses, export_dir, stopped_early, last_checkpoint,
+                           self.plan.world_size, list(self.checkpoints))
+
+
+def train(config: TrainConfig, resume: str | Path | None = None, accelerator=None, max_steps: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Run (or resume) the training run described by ``config``; returns the losses per step."""
+    return Trainer(config, resume=resume, accelerator=accelerator, progress=progress).fit(max_steps)
+
+
+def _local_numel(parameter) -> int:
+    local = getattr(parameter, "to_local", None)  # a DTensor shard, under FSDP2
+    return local().numel() if local is not None else parameter.numel()
 
 
 def _peak_flops(device) -> float | None:
@@ -305,66 +523,4 @@ def _active_parameters(model) -> int:
     return total - generation_expert
 
 
-def _is_fixed_buffer(name: str) -> bool:
-    return "pos_embed" in name or "rotary_emb" in name
-
-
-def _has_tensorboard() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
-
-
-def _global_token_mean_loss(output, accelerator, config: TrainConfig):
-    """CE and MSE as means over all tokens of all ranks (the reference's reduction)."""
-    device = accelerator.device
-    world = accelerator.num_processes
-    ce_sum = output.ce_per_token.sum() if output.ce_per_token is not None else torch.zeros((), device=device)
-    ce_count = torch.tensor(0 if output.ce_per_token is None else output.ce_per_token.numel(), device=device)
-    mse_rows = output.mse_per_element
-    mse_sum = mse_rows.mean(dim=-1).sum() if mse_rows is not None else torch.zeros((), device=device)
-    mse_count = torch.tensor(0 if mse_rows is None else mse_rows.shape[0], device=device)
-    counts = accelerator.reduce(torch.stack([ce_count, mse_count]).float(), reduction="sum")
-    loss = torch.zeros((), device=device)
-    parts = {"ce": None, "mse": None}
-    if counts[0] > 0:
-        ce = ce_sum * world / counts[0]
-        loss = loss + config.train.ce_weight * ce
-        parts["ce"] = float(ce_sum.detach() / max(int(ce_count), 1)) if int(ce_count) else None
-    if counts[1] > 0:
-        mse = mse_sum * world / counts[1]
-        loss = loss + config.train.mse_weight * mse
-        parts["mse"] = float(mse_sum.detach() / max(int(mse_count), 1)) if int(mse_count) else None
-    return loss, parts
-
-
-def _save(accelerator, output_dir, step, model, ema, optimizer, scheduler, dataset, fingerprint):
-    state = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        save_checkpoint(output_dir, step, state, ema.state_dict(), optimizer, scheduler,
-                        dataset.state_dict(), fingerprint)
-    accelerator.wait_for_everyone()
-
-
-def export_run(model, ema, vae, tokenizer, processor, output_dir: Path, lora: bool = False) -> Path:
-    """Write ``<output_dir>/pipeline`` (EMA weights) and, for LoRA runs, ``<output_dir>/lora_adapter``."""
-    import copy
-
-    from ..pipelines.components import save_pipeline_components
-    from ..utils.atomic import atomic_directory
-
-    final = output_dir / "pipeline"
-    with atomic_directory(final) as tmp:
-        if lora:
-            model.save_pretrained(str(output_dir / "lora_adapter"))  # peft format
-            averaged = copy.deepcopy(model)
-            ema.copy_to(averaged)
-            base = averaged.merge_and_unload()
-        else:
-            base = copy.deepcopy(model)
-            ema.copy_to(base)
-        save_pipeline_components(tmp, base, vae, tokenizer, processor)
-    return final
-
-
-__all__ = ["train", "export_run", "load_components", "TrainResult"]
+__all__ = ["Trainer", "train", "TrainResult", "load_components", "load_weights", "build_scheduler", "pack_seed"]

@@ -935,12 +935,12 @@ def load_adapter(env, path):
     return lambda: load(str(path))
 
 
-@case("lora-dir-missing", InputFileNotFoundError, "no_adapter", owner=LORA)
+@case("lora-dir-missing", InputFileNotFoundError, "no_adapter")
 def _(env, tmp):
     return load_adapter(env, tmp / "no_adapter")
 
 
-@case("lora-pickle-only", UnsafeFileError, "adapter_model.bin", owner=LORA)
+@case("lora-pickle-only", UnsafeFileError, "adapter_model.bin")
 def _(env, tmp):
     (tmp / "adapter").mkdir()
     (tmp / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2,
@@ -999,7 +999,7 @@ def train_config(env, tmp, text: str = "", **sections) -> Path:
     config = {"stage": "unified", "model": {"pretrained": str(env.pipeline_dir)},
               "data": {"path": str(env.cohort), "image_size": 32, "vae_max_size": 32, "vae_min_size": 32,
                        "vit_max_size": 28, "vit_min_size": 28},
-              "train": {"max_steps": 1, "output_dir": str(tmp / "run"), "export_pipeline": False}}
+              "train": {"max_steps": 1, "warmup_steps": 0, "output_dir": str(tmp / "run"), "export_pipeline": False}}
     for name, values in sections.items():
         config.setdefault(name, {}).update(values)
     path = tmp / "cfg.yaml"
@@ -1022,48 +1022,48 @@ def _(env, tmp):
     return train_cli("--config", train_config(env, tmp, train={"max_steps": "ten"}), "--print-config")
 
 
-@case("train-config-bool-for-int", CLI, "train.max_steps", owner=TRAINING)
+@case("train-config-bool-for-int", CLI, "train.max_steps")
 def _(env, tmp):
     return train_cli("--config", train_config(env, tmp, train={"max_steps": True}), "--print-config")
 
 
-@case("train-config-negative-learning-rate", CLI, "train.learning_rate", owner=TRAINING)
+@case("train-config-negative-learning-rate", CLI, "train.learning_rate")
 def _(env, tmp):
     return train_cli("--config", train_config(env, tmp, train={"learning_rate": -0.001}), "--print-config")
 
 
-@case("train-config-float-for-int", CLI, "train.warmup_steps", owner=TRAINING)
+@case("train-config-float-for-int", CLI, "train.warmup_steps")
 def _(env, tmp):
     return train_cli("--config", train_config(env, tmp, train={"warmup_steps": 2.5}), "--print-config")
 
 
-@case("train-config-probability-above-one", CLI, "data.text_dropout", owner=TRAINING)
+@case("train-config-probability-above-one", CLI, "data.text_dropout")
 def _(env, tmp):
     return train_cli("--config", train_config(env, tmp, data={"text_dropout": 1.5}), "--print-config")
 
 
-@case("train-config-yaml-syntax", CLI, "cfg.yaml", "line", owner=TRAINING)
+@case("train-config-yaml-syntax", CLI, "cfg.yaml", "line")
 def _(env, tmp):
     return train_cli("--config", train_config(env, tmp, "train:\n  max_steps: [1,\n"), "--print-config")
 
 
-@case("train-config-not-a-mapping", CLI, "cfg.yaml", owner=TRAINING)
+@case("train-config-not-a-mapping", CLI, "cfg.yaml")
 def _(env, tmp):
     return train_cli("--config", train_config(env, tmp, "- stage\n- unified\n"), "--print-config")
 
 
-@case("train-weights-pickle", CLI, "model.weights", "w.bin", owner=TRAINING)
+@case("train-weights-pickle", CLI, "model.weights", "w.bin")
 def _(env, tmp):
     weights = malicious_pickle(tmp / "w.bin")
     return train_cli("--config", train_config(env, tmp, model={"weights": str(weights)}))
 
 
-@case("train-weights-missing", CLI, "model.weights", "nope.safetensors", owner=TRAINING)
+@case("train-weights-missing", CLI, "model.weights", "nope.safetensors")
 def _(env, tmp):
     return train_cli("--config", train_config(env, tmp, model={"weights": str(tmp / "nope.safetensors")}))
 
 
-@case("train-resume-missing-folder", CLI, "step-0000999", "does not exist", owner=TRAINING)
+@case("train-resume-missing-folder", CLI, "step-0000999", "does not exist", code=3)
 def _(env, tmp):
     return train_cli("--config", train_config(env, tmp), "--resume", tmp / "run" / "checkpoints" / "step-0000999")
 

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError, InputFileNotFoundError
+from ..utils.readers import check_safetensors
 
 STAGES = ("align", "unified", "dhs")
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -168,6 +169,9 @@ class TrainConfig(_Section):
                            ("model.tokenizer", self.model.tokenizer)):
             if value and not Path(value).exists():
                 raise InputFileNotFoundError(f"{key} {value!r} does not exist")
+        if self.model.weights and Path(self.model.weights).is_file():
+            # A weights file must be complete safetensors (pickles refused) before any model is built.
+            check_safetensors(self.model.weights, "model.weights")
         return self
 
     def to_dict(self) -> dict:

@@ -364,7 +364,7 @@ def convert_bagel_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathL
                          vae_meta.get("scale_factor", 0.3611), vae_meta.get("shift_factor", 0.1159))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         processor_from_bagel(model_meta, config, tokenizer).save_pretrained(tmp / "processor", save_tokenizer=False)
-        write_pipeline_index(tmp, config)
+        write_pipeline_index(tmp)
     report.destination = dst_dir
     report.special_token_ids = special_ids
     return report

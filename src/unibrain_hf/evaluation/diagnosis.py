@@ -1,6 +1,6 @@
 """Diagnosis scoring: the ground-truth class word of a subject and the substring rule.
 
-The reference (REFERENCE.md §8.2) derives the true class from the subject id and counts a
+The reference (UniBrain's ``evaluate_metrics.py``) derives the true class from the subject id and counts a
 generated diagnosis as correct when the class word, lower-cased, occurs anywhere in the
 lower-cased text. The class words are stems ("Gli", "Mening", "Meta") so that "glioma",
 "glioblastoma", "meningioma" and "metastatic" all match. The default rules, in order

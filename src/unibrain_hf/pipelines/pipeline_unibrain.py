@@ -2,7 +2,7 @@
 
 Given the MRI sequences a patient has (2-D slices or NIfTI volumes), the pipeline imputes the
 missing ones and/or writes text, exactly as UniBrain's evaluation does it (see
-``docs/REFERENCE.md`` §3.5, §3.6, §8):
+UniBrain's ``inferencer.py`` and ``evaluate_metrics.py``):
 
 * ``generation`` — each target imputed from the inputs with "Translate the attached MRI into its
   {T} image." (targets are independent; shift 3).
@@ -42,6 +42,7 @@ from ..processing.image_transforms import patchify, to_model_tensor
 from ..processing.processor import UniBrainProcessor
 from . import mri_io
 from .context import EncodedImage, InterleavedContext
+from .hub import UniBrainHubMixin
 from .pipeline_output import UniBrainPipelineOutput
 from .sampler import RENORM_TYPES, GuidanceSettings, combine_guidance, flow_timesteps
 
@@ -78,7 +79,7 @@ def _grid_position_ids(rows: int, cols: int, grid: int, what: str) -> torch.Tens
     return (torch.arange(rows)[:, None] * grid + torch.arange(cols)[None, :]).flatten()
 
 
-class UniBrainPipeline(DiffusionPipeline):
+class UniBrainPipeline(UniBrainHubMixin, DiffusionPipeline):
     r"""Interleaved brain-MRI imputation and understanding with UniBrain (BAGEL-7B-MoT).
 
     Args:

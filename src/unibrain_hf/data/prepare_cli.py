@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .prepare import PrepareError, prepare_cohort
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input_dir", metavar="INPUT_DIR",
@@ -40,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .prepare import PrepareError, prepare_cohort  # nibabel, scipy: only once the command runs
+
     try:
         report = prepare_cohort(
             args.input_dir, args.reports, args.out_dir, split_fractions=tuple(args.split), seed=args.seed,

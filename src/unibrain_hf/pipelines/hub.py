@@ -180,7 +180,9 @@ def _read_module(source: PackageSource, name: str) -> Module:
                     targets.append((alias.name, alias.asname or alias.name.rpartition(".")[2], "module"))
                 elif not optional and not _in_function(node, parents):
                     module.module_level_third_party.add(alias.name.split(".")[0])
-        if targets and not optional:
+        # Guarded package imports are shipped and rewritten too: diffusers' and transformers' loaders scan
+        # every ``from .x import`` line (guarded or not), and a ``from ..x`` line breaks them.
+        if targets:
             module.imports.append((node, targets))
     # Data files read next to the module (``Path(__file__).with_name("x.json")``): any sibling non-Python
     # file whose name appears as a string constant in the source.
@@ -194,7 +196,6 @@ def _read_module(source: PackageSource, name: str) -> Module:
 def module_graph(source: PackageSource, root_module: str) -> dict[str, Module]:
     """Every package module ``root_module`` imports, directly or not, at module level or inside functions.
 
-    Imports guarded by ``try/except ImportError`` or ``if TYPE_CHECKING`` are optional and not followed.
     A package's ``__init__`` is included only when a name (not a submodule) is imported from it.
     """
     modules: dict[str, Module] = {}

@@ -397,6 +397,8 @@ def complete_pipeline_directory(directory: str | os.PathLike, pipeline: tuple[st
     code = ship_module(source, module_name)
     _write_files(directory, {**code.files, f"{ENTRY_MODULE}.py": _entry_source(code, module_name, class_name)})
     index["_class_name"] = [ENTRY_MODULE, class_name]
+    # diffusers records where the pipeline was loaded from: a local path means nothing to the next user.
+    index.pop("_name_or_path", None)
     for component, value in list(index.items()):
         if component.startswith("_") or not isinstance(value, list) or len(value) != 2:
             continue

@@ -91,7 +91,7 @@ GENERATE = """
     except ImportError:
         pass
     model = AutoModel.from_pretrained(sys.argv[1] + "/model", trust_remote_code=True)
-    pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained(sys.argv[2], trust_remote_code=True)
     image = (np.random.default_rng(0).random((48, 40)) * 255).astype(np.uint8)
     out = pipe(images={"t1n": image}, target_modalities=["t2w"], task="generation", num_inference_steps=2,
                max_new_tokens=3, generator=torch.Generator().manual_seed(0))
@@ -105,8 +105,28 @@ def _requirements(directory: Path) -> list[str]:
     return [line for line in (directory / "requirements.txt").read_text().split() if line]
 
 
+def hub_download_shape(directory: Path, destination: Path) -> Path:
+    """What diffusers' Hub download fetches of a pipeline repository: from a folder with weights only the
+    weights, configs and the component file named in model_index.json (the root's modules arrive
+    through pipeline.py's imports)."""
+    import shutil
+
+    shutil.copytree(directory, destination)
+    index = json.loads((directory / "model_index.json").read_text())
+    for component, value in index.items():
+        folder = destination / component
+        if component.startswith("_") or not folder.is_dir() or not list(folder.glob("*.safetensors")):
+            continue
+        for path in folder.glob("*.py"):
+            if path.stem != value[0]:
+                path.unlink()
+    return destination
+
+
 def test_converter_output_loads_and_generates_without_the_package(converted_fixture, tmp_path):
-    code = GENERATE.replace("sys.argv[1]", repr(str(converted_fixture)))
+    hub_like = hub_download_shape(converted_fixture, tmp_path / "hub_like")
+    assert not (hub_like / "model" / "modeling_unibrain.py").exists()
+    code = GENERATE.replace("sys.argv[1]", repr(str(converted_fixture))).replace("sys.argv[2]", repr(str(hub_like)))
     result = run_fresh(tmp_path, code, extra_requirements=_requirements(converted_fixture))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -308,3 +328,18 @@ def test_shipped_modules_are_derived_from_the_pipeline_source():
                      "unibrain_hf.processing.processor", "unibrain_hf.pipelines.hub"):
         assert required in shipped
     assert shipped["unibrain_hf.modeling.modeling_unibrain"] == "modeling_unibrain.py"
+
+
+def test_package_data_covers_every_data_file():
+    """A wheel carries every non-Python file of the package and the metric modules (not packages)."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["unibrain_hf"]
+    package = root / "src" / "unibrain_hf"
+    needed = [p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts and (
+        p.suffix != ".py" or not (p.parent / "__init__.py").exists())]
+    missing = [str(p.relative_to(package)) for p in needed
+               if not any(fnmatch.fnmatch(str(p.relative_to(package)), pattern) for pattern in patterns)]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"

@@ -193,13 +193,13 @@ def _read_module(source: PackageSource, name: str) -> Module:
     return module
 
 
-def module_graph(source: PackageSource, root_module: str) -> dict[str, Module]:
-    """Every package module ``root_module`` imports, directly or not, at module level or inside functions.
+def module_graph(source: PackageSource, *root_modules: str) -> dict[str, Module]:
+    """Every package module the roots import, directly or not, at module level or inside functions.
 
     A package's ``__init__`` is included only when a name (not a submodule) is imported from it.
     """
     modules: dict[str, Module] = {}
-    pending = [root_module]
+    pending = list(root_modules)
     while pending:
         name = pending.pop()
         if name in modules:
@@ -293,8 +293,9 @@ class ShippedCode:
     requirements: list[str]
 
 
-def ship_module(source: PackageSource, root_module: str) -> ShippedCode:
-    modules = module_graph(source, root_module)
+def ship_module(source: PackageSource, *root_modules: str) -> ShippedCode:
+    """The flattened code of the roots' import graph."""
+    modules = module_graph(source, *root_modules)
     names = flat_names(modules, source)
     files = {f"{names[name]}.py": _rewrite(module, names) for name, module in modules.items()}
     data: dict[str, str] = {}
@@ -362,10 +363,17 @@ __all__ = ["{class_name}"]
 
 
 def _component_source(component: str, module: str, class_name: str) -> str:
+    """``<component>/unibrain_<component>.py``: the file ``model_index.json`` names for a shipped component.
+
+    It takes the class from the module ``pipeline.py`` already loaded, so diffusers (which executes the
+    named file again) does not define the class a second time. The import is written ``from . import``
+    on purpose: diffusers copies the ``from .x import`` modules of a component file from the component
+    folder, and a Hub download of a weights folder fetches only the weights, configs and this file.
+    """
     return (f'"""The ``{component}`` component of this pipeline for diffusers\' custom-component loading '
-            f'(``model_index.json``).\n\nRe-exports the class from its module, so that loading the component '
-            f'does not define the class a second time.\n"""\n\nfrom .{module} import {class_name}\n\n'
-            f'__all__ = ["{class_name}"]\n')
+            f'(``model_index.json``).\n\nTakes the class from the module ``pipeline.py`` loaded, so that it is '
+            f'defined once.\n"""\n\nfrom . import {module} as _module\n\n'
+            f'{class_name} = _module.{class_name}\n\n__all__ = ["{class_name}"]\n')
 
 
 # ------------------------------------------------------------------------------------------ the directory
@@ -394,32 +402,30 @@ def complete_pipeline_directory(directory: str | os.PathLike, pipeline: tuple[st
     index_file = directory / "model_index.json"
     index = json.loads(index_file.read_text())
     module_name, class_name = pipeline
-    code = ship_module(source, module_name)
+    components = {component: value for component, value in index.items()
+                  if not component.startswith("_") and isinstance(value, list) and len(value) == 2
+                  and source.contains(value[0])}
+    # The root holds every module, components' included: their files in the component folders take
+    # their classes from what pipeline.py loaded.
+    code = ship_module(source, module_name, *(library for library, _ in components.values()))
     _write_files(directory, {**code.files, f"{ENTRY_MODULE}.py": _entry_source(code, module_name, class_name)})
     index["_class_name"] = [ENTRY_MODULE, class_name]
     # diffusers records where the pipeline was loaded from: a local path means nothing to the next user.
     index.pop("_name_or_path", None)
-    for component, value in list(index.items()):
-        if component.startswith("_") or not isinstance(value, list) or len(value) != 2:
-            continue
-        library, component_class = value
-        if not source.contains(library):
-            continue
-        # diffusers' custom component: <component>/<file>.py holds the class. The file is a re-export, so
-        # that diffusers (which executes the named file again) does not define the class a second time.
-        component_code = ship_module(source, library)
-        names = {**component_code.names, **code.names}
-        files = {**component_code.files, **code.files}
+    for component, (library, component_class) in components.items():
+        # diffusers' custom component: <component>/<file>.py names the class; the folder also holds the
+        # class's own modules (transformers' trust_remote_code loads model/ on its own).
         alias = f"{COMPONENT_PREFIX}{component}"
-        if alias in names.values():
+        if alias in code.names.values():
             raise ShippingError(f"the component file {alias}.py would shadow a module of the same name")
-        shipped = {f"{names[name]}.py": files[f"{names[name]}.py"] for name in component_code.names}
-        shipped[f"{alias}.py"] = _component_source(component, names[library], component_class)
+        shipped = {f"{code.names[name]}.py": code.files[f"{code.names[name]}.py"]
+                   for name in module_graph(source, library)}
+        shipped[f"{alias}.py"] = _component_source(component, code.names[library], component_class)
         _write_files(directory / component, shipped)
         index[component] = [alias, component_class]
         config_file = directory / component / "config.json"
         if config_file.is_file():
-            _write_auto_map(config_file, library, component_class, names)
+            _write_auto_map(config_file, library, component_class, code.names)
     _write_text(index_file, json.dumps(index, indent=2, sort_keys=True) + "\n")
     _write_text(directory / "requirements.txt", "\n".join(code.requirements) + "\n")
     _write_text(directory / "README.md", render_model_card(directory, base_model=base_model))

@@ -28,8 +28,8 @@ code and needs no ``trust_remote_code`` (see :meth:`UniBrainHubMixin.load_config
 from __future__ import annotations
 
 import ast
-import json
 import importlib
+import json
 import os
 import pprint
 import re
@@ -38,6 +38,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..errors import ConfigError, InvalidInputError
 
 #: The file ``model_index.json``'s ``_class_name`` points at (diffusers' name for a custom pipeline file).
 ENTRY_MODULE = "pipeline"
@@ -48,19 +50,11 @@ DEFAULT_PIPELINE = ("unibrain_hf.pipelines.pipeline_unibrain", "UniBrainPipeline
 PACKAGE = "unibrain_hf"
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 DEFAULT_BASE_MODEL = "ByteDance-Seed/BAGEL-7B-MoT"
-#: Packages whose installation a user of the shipped code is assumed to have.
-ASSUMED_REQUIREMENTS = ("torch", "transformers", "diffusers", "peft")
 #: Import names whose distribution is named differently (used when the package metadata is unavailable).
 _DISTRIBUTION_NAMES = {"PIL": "pillow", "yaml": "pyyaml", "skimage": "scikit-image", "sklearn": "scikit-learn"}
 
 
-try:  # the package's error hierarchy; remote code without the package falls back to ValueError
-    from ..errors import ConfigError as _ShippingBase
-except ImportError:
-    _ShippingBase = ValueError
-
-
-class ShippingError(_ShippingBase):
+class ShippingError(ConfigError):
     """The pipeline's code cannot be shipped as remote code (the message names the module and line)."""
 
 
@@ -527,7 +521,7 @@ class UniBrainHubMixin:
                       if key in kwargs}
         save_directory = Path(save_directory)
         if save_directory.is_file():
-            raise _invalid_input(f"save_directory {save_directory} is a file; pass a directory")
+            raise InvalidInputError(f"save_directory {save_directory} is a file; pass a directory")
         with _staging(save_directory) as staging:
             super().save_pretrained(str(staging), *args, **kwargs)
             complete_pipeline_directory(staging, pipeline=self._shipped_pipeline(), source=self._package_source(),
@@ -607,14 +601,6 @@ def _local_modules(cls) -> dict[str, str]:
             if isinstance(node, ast.ClassDef):
                 local.setdefault(node.name, name)
     return local
-
-
-def _invalid_input(message: str) -> Exception:
-    try:
-        from ..errors import InvalidInputError
-    except ImportError:  # running as remote code without the package
-        return ValueError(message)
-    return InvalidInputError(message)
 
 
 class _staging:

@@ -339,6 +339,7 @@ def _restore_data_files() -> None:
         handle, temporary = tempfile.mkstemp(dir=here, prefix=f".{{name}}.")
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        os.chmod(temporary, 0o644)  # mkstemp makes the file owner-only; the module cache is shared
         os.replace(temporary, target)
 
 

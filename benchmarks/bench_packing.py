@@ -40,7 +40,7 @@ from unibrain_hf.data.packed_dataset import PackedDataset, TokenBudget, packed_d
 from unibrain_hf.data.schema import SubjectRecord  # noqa: E402
 from unibrain_hf.processing.packing import DropoutProbabilities  # noqa: E402
 
-DEFAULT_FIXTURE = "/work/shared/fixtures/bagel_tiny"
+DEFAULT_FIXTURE = str(Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "bagel_tiny")
 CODES = ("t1n", "t1c", "t2w", "t2f")
 SHAPE_ZYX = (48, 160, 160)
 

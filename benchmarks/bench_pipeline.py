@@ -147,7 +147,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="text budget per generated text")
-    parser.add_argument("--fixture", default="/work/shared/fixtures/bagel_tiny", help="BAGEL fixture (tokenizer)")
+    parser.add_argument("--fixture", default=str(Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "bagel_tiny"),
+                        help="BAGEL fixture (tokenizer)")
     parser.add_argument("--bagel-dir", help="benchmark the weights of this BAGEL-format directory (converted "
                                             "first) instead of the random model")
     parser.add_argument("--json", help="also write the results to this JSON file")

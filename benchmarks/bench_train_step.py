@@ -18,7 +18,7 @@ Run from the repository root (about 1.5 minutes on an idle 2-core machine, longe
     python benchmarks/bench_train_step.py --threads 1 2 --repeats 7 --warmup 2 --attn sdpa
 
 ``--json PATH`` also writes the results as JSON. The tokenizer is converted from the BAGEL
-fixture (``--fixture``, default ``/work/shared/fixtures/bagel_tiny``) into a temporary directory
+fixture (``--fixture``, default ``tests/fixtures/bagel_tiny``) into a temporary directory
 unless ``--tokenizer`` points at an existing one.
 """
 
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_FIXTURE = "/work/shared/fixtures/bagel_tiny"
+DEFAULT_FIXTURE = str(Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "bagel_tiny")
 SEED = 20261122
 NUM_SAMPLES = 4
 IMAGE_SIZE = 128

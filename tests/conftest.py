@@ -1,9 +1,21 @@
-"""Shared test setup: offline hub, few threads, the reference fixture and a converted copy of it."""
+"""Shared test setup: offline hub, few threads, the two reference fixtures and a converted copy of the first.
 
+The fixtures ship with the repository (``tests/fixtures/bagel_tiny{,_b}``, each described by its
+``README.json``), so a clone anywhere runs the suite.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Remote code loaded with trust_remote_code is copied into a modules cache; keep the suite's own copy
+# (set before transformers/diffusers are imported, which read it once).
+if "HF_MODULES_CACHE" not in os.environ:
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="unibrain-test-modules-")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], True)
 
 from pathlib import Path  # noqa: E402
 
@@ -12,16 +24,27 @@ import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-FIXTURE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "bagel_tiny"
-if not FIXTURE_DIR.exists():  # CI clones the repository next to shared/
-    FIXTURE_DIR = Path(os.environ.get("UNIBRAIN_FIXTURE_DIR", "/work/shared/fixtures/bagel_tiny"))
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _fixture(name: str) -> Path:
+    path = FIXTURES / name
+    if not (path / "README.json").exists():
+        pytest.fail(f"reference fixture {name} not found at {path}; it is part of the repository "
+                    f"(tests/fixtures/{name}), check out the whole tree")
+    return path
 
 
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
-    if not (FIXTURE_DIR / "README.json").exists():
-        pytest.fail(f"reference fixture not found at {FIXTURE_DIR} (set UNIBRAIN_FIXTURE_DIR)")
-    return FIXTURE_DIR
+    """The main reference fixture (tiny BAGEL checkpoint, a packed batch, an inference trace)."""
+    return _fixture("bagel_tiny")
+
+
+@pytest.fixture(scope="session")
+def fixture_dir_b() -> Path:
+    """The second reference fixture (other sampler settings, GQA 3:1, 8 latent channels, other sizes)."""
+    return _fixture("bagel_tiny_b")
 
 
 @pytest.fixture(scope="session")

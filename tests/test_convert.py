@@ -51,11 +51,36 @@ def test_round_trip_other_sizes(tmp_path, fixture_dir):
         assert (tmp_path / "out" / name).exists(), name
 
 
-def test_cli_and_dtype(tmp_path, fixture_dir):
+def test_cli_and_dtype(tmp_path, fixture_dir, capsys):
     assert cli_main(["convert", str(fixture_dir), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     weights = load_file(str(tmp_path / "bf16" / "model" / "model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in weights.values())
+    capsys.readouterr()
     assert cli_main(["convert", str(fixture_dir), str(tmp_path / "bf16")]) == 1  # exists, no --overwrite
+    error = capsys.readouterr().err
+    assert "already exists; pass --overwrite" in error and "overwrite=True" not in error
+    # The Python API names its own argument.
+    with pytest.raises(ConversionError, match=r"pass overwrite=True") as caught:
+        convert_bagel_checkpoint(fixture_dir, tmp_path / "bf16")
+    assert caught.value.option == "overwrite"
+
+
+def test_cli_names_the_weights_flag(tmp_path, fixture_dir, capsys):
+    src = tmp_path / "no_weights"
+    shutil.copytree(fixture_dir, src)
+    (src / "ema.safetensors").unlink()
+    assert cli_main(["convert", str(src), str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert "pass --weights FILE" in error and "weights=" not in error
+    with pytest.raises(ConversionError, match=r"pass weights=<safetensors file>"):
+        convert_bagel_checkpoint(src, tmp_path / "out")
+
+
+def test_conversion_error_is_part_of_the_error_hierarchy():
+    from unibrain_hf import errors
+
+    assert ConversionError is errors.ConversionError
+    assert issubclass(ConversionError, errors.InvalidInputError) and issubclass(ConversionError, ValueError)
 
 
 def test_missing_tensor_is_named(tmp_path, fixture_dir):

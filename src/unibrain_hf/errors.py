@@ -32,6 +32,18 @@ class CorruptFileError(UniBrainError, OSError, ValueError):
     """A file exists but cannot be read as what it claims to be (truncated, damaged, wrong format)."""
 
 
+class ConversionError(InvalidInputError):
+    """A checkpoint directory cannot be converted (bad configs, tokenizer, tensors or options).
+
+    ``option`` names the argument of ``convert_bagel_checkpoint`` that resolves it (``overwrite``,
+    ``weights``), if one does, so that ``unibrain convert`` can name its flag instead.
+    """
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
+
+
 class UnsafeFileError(UniBrainError, ValueError):
     """A file format that can execute code when read (pickle: ``.bin``, ``.pt``, ``.ckpt``) was refused."""
 
@@ -56,4 +68,4 @@ class CheckpointError(UniBrainError, ValueError):
 
 
 __all__ = ["UniBrainError", "InvalidInputError", "ConfigError", "InputFileNotFoundError", "CorruptFileError",
-           "UnsafeFileError", "OutputExistsError", "CheckpointError"]
+           "UnsafeFileError", "OutputExistsError", "CheckpointError", "ConversionError"]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,15 +19,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
 
+#: convert_bagel_checkpoint's option -> this command's flag, for error messages.
+FLAG_HINTS = {"overwrite": "--overwrite", "weights": "--weights FILE"}
+
+
 def run(args) -> int:
-    from .convert_bagel import ConversionError, convert_bagel_checkpoint
+    from ..errors import ConversionError, UniBrainError
+    from .convert_bagel import OPTION_HINTS, convert_bagel_checkpoint
 
     try:
         report = convert_bagel_checkpoint(args.src, args.dst, weights=args.weights, dtype=args.dtype,
                                           max_shard_size=int(args.max_shard_size_gb * 1024 ** 3),
                                           overwrite=args.overwrite)
-    except ConversionError as exc:
-        print(f"unibrain convert: error: {exc}")
+    except UniBrainError as exc:
+        message = str(exc)
+        option = getattr(exc, "option", None) if isinstance(exc, ConversionError) else None
+        if option in FLAG_HINTS:
+            message = message.replace(f"pass {OPTION_HINTS[option]}", f"pass {FLAG_HINTS[option]}")
+        print(f"unibrain convert: error: {message}", file=sys.stderr)
         return 1
     print(f"wrote {report.destination}: {report.num_tensors} tensors, {report.total_bytes / 1e6:.1f} MB; "
           f"special tokens {report.special_token_ids}; dropped {len(report.dropped)} recomputed/unused tensors")

@@ -37,18 +37,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, SiglipVisionConfig
 
+from ..errors import ConversionError
 from ..modeling.configuration_unibrain import UniBrainConfig
 from ..modeling.modeling_unibrain import UniBrainForConditionalGeneration, sincos_2d_table
 from .bagel_keys import FIXED_TABLE_KEYS, UnknownKeyError, rename_bagel_key, vit_layer_index
 
 SPECIAL_TOKEN_STRINGS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3
+#: How an error message tells a Python caller to set an option (the CLI substitutes its flags).
+OPTION_HINTS = {"overwrite": "overwrite=True", "weights": "weights=<safetensors file>"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-
-
-class ConversionError(ValueError):
-    """The source checkpoint cannot be converted; the message says why."""
 
 
 @dataclass
@@ -331,7 +330,8 @@ def convert_bagel_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathL
     if not src_dir.is_dir():
         raise ConversionError(f"source {src_dir} is not a directory")
     if dst_dir.exists() and not overwrite:
-        raise ConversionError(f"destination {dst_dir} already exists (pass overwrite=True to replace it)")
+        raise ConversionError(f"destination {dst_dir} already exists; pass {OPTION_HINTS['overwrite']} to replace it",
+                              option="overwrite")
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ConversionError(f"unknown dtype {dtype!r}; choose from {sorted(_DTYPES)}")
@@ -340,7 +340,8 @@ def convert_bagel_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathL
         candidates = [src_dir / "ema.safetensors", src_dir / "model.safetensors"]
         found = [c for c in candidates if c.exists()]
         if not found:
-            raise ConversionError(f"{src_dir} has neither ema.safetensors nor model.safetensors (or pass weights=)")
+            raise ConversionError(f"{src_dir} has neither ema.safetensors nor model.safetensors; pass "
+                                  f"{OPTION_HINTS['weights']} to take the weights from elsewhere", option="weights")
         weights = found[0]
     weights = Path(weights)
 
@@ -364,7 +365,7 @@ def convert_bagel_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathL
                          vae_meta.get("scale_factor", 0.3611), vae_meta.get("shift_factor", 0.1159))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         processor_from_bagel(model_meta, config, tokenizer).save_pretrained(tmp / "processor", save_tokenizer=False)
-        write_pipeline_index(tmp, config)
+        write_pipeline_index(tmp)
     report.destination = dst_dir
     report.special_token_ids = special_ids
     return report

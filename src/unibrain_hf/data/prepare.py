@@ -20,7 +20,7 @@ Reports, one entry per subject, in either format:
 * JSON ``{subject_id: {"findings": {code: text}, "impression": text,
   "diagnosis": text or [texts], "global_finding": text}}``; every key is optional.
 
-Every volume is brought to the geometry UniBrain was trained on (REFERENCE.md §6.1):
+Every volume is brought to the geometry UniBrain was trained on (UniBrain's ``scripts/prepare_parquet_subjectwise.py``):
 
 1. reoriented to the axis codes L, P, I (the reference's SimpleITK ``DICOMOrient('LPI')``);
 2. resampled in plane to 1.0 x 1.0 mm (linear for images, nearest for the mask), keeping

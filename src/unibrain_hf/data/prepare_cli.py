@@ -16,7 +16,6 @@ import sys
 
 from ..errors import UniBrainError
 from ..utils.cli_types import positive_int
-from .prepare import prepare_cohort
 
 #: Exit status for input that cannot be used (argparse uses the same code for bad flags).
 EXIT_BAD_INPUT = 2
@@ -50,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .prepare import prepare_cohort  # nibabel, scipy: only once the command runs
+
     try:
         report = prepare_cohort(
             args.input_dir, args.reports, args.out_dir, split_fractions=tuple(args.split), seed=args.seed,

@@ -1,4 +1,4 @@
-"""``unibrain eval``: score a pipeline on a cohort split (generation / diagnosis / unified, REFERENCE.md §8).
+"""``unibrain eval``: score a pipeline on a cohort split (generation / diagnosis / unified; protocol in docs/EVALUATION.md).
 
 Writes into ``--out``: ``metrics.json`` (numbers, baselines, per-subject records, settings),
 ``summary.md`` (Markdown tables that put each metric next to its baseline), ``panels/*.png``,

@@ -1,7 +1,7 @@
 """Diagnosis scoring: accuracy of generated diagnoses against each subject's ground-truth class.
 
 A subject's true class comes from its id through the class rules, and a prediction is scored
-with the reference's substring rule (REFERENCE.md §8.2). The rules, the substring test and the
+with the reference's substring rule (UniBrain's ``evaluate_metrics.py``). The rules, the substring test and the
 label parser live in :mod:`unibrain_hf.protocol.diagnosis` — one table shared with training
 and the pipeline — and are re-exported here, so ``unibrain_hf.evaluation.diagnosis`` keeps
 working for callers of ``DiagnosisRules``, ``ground_truth_class``, ``is_correct`` and

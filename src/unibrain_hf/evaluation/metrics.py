@@ -1,4 +1,4 @@
-"""Image and text metrics of the UniBrain evaluation protocol (REFERENCE.md §8).
+"""Image and text metrics of the UniBrain evaluation protocol (docs/EVALUATION.md).
 
 * :func:`psnr` and :func:`ssim` reproduce the reference numbers exactly: both images are
   divided by 255 and handed to scikit-image's ``peak_signal_noise_ratio`` /

@@ -1,4 +1,4 @@
-"""The three UniBrain evaluation tasks of REFERENCE.md §8: generation, diagnosis and unified.
+"""The three UniBrain evaluation tasks (docs/EVALUATION.md): generation, diagnosis and unified.
 
 Each task is one function that walks the subjects of a cohort split, runs a
 :class:`~unibrain_hf.UniBrainPipeline` on them and returns a result object holding the

@@ -1,8 +1,24 @@
-"""The UniBrain model: configuration, MoT decoder, attention layouts, KV cache."""
+"""The UniBrain model: configuration, MoT decoder, attention layouts, KV cache.
 
-from .cache import UniBrainKVCache
-from .configuration_unibrain import UniBrainConfig
-from .modeling_unibrain import UniBrainForConditionalGeneration, UniBrainOutput, UniBrainPreTrainedModel
+Names are imported on first access, so that importing the configuration alone stays light.
+"""
+
+import importlib
+
+_LAZY = {
+    "UniBrainKVCache": ".cache",
+    "UniBrainConfig": ".configuration_unibrain",
+    "UniBrainForConditionalGeneration": ".modeling_unibrain",
+    "UniBrainOutput": ".modeling_unibrain",
+    "UniBrainPreTrainedModel": ".modeling_unibrain",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["UniBrainConfig", "UniBrainForConditionalGeneration", "UniBrainKVCache", "UniBrainOutput",
            "UniBrainPreTrainedModel"]

@@ -6,13 +6,25 @@ layers that are actually *run*), and the adapter / generation settings that glue
 
     python -c "from unibrain_hf import UniBrainConfig; print(UniBrainConfig.tiny())"
 
-Presets: :meth:`UniBrainConfig.bagel_7b_mot` (the 14B-parameter BAGEL-7B-MoT sizes that UniBrain
-fine-tunes) and :meth:`UniBrainConfig.tiny` (a few-hundred-kB model for CPU tests).
+``UniBrainConfig()`` (and ``AutoConfig.for_model("unibrain")``) has the BAGEL-7B-MoT sizes that
+UniBrain fine-tunes (14B parameters); :meth:`UniBrainConfig.tiny` is a few-hundred-kB model for CPU
+tests. A ``config.json`` must hold both sub-configs: one without ``text_config`` or
+``vision_config`` is refused instead of silently becoming the 14B default.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
+import sys
+
 from transformers import PreTrainedConfig, Qwen2Config, SiglipVisionConfig
+
+try:  # this file also runs as Hub remote code, without the package
+    from unibrain_hf.errors import ConfigError
+except ImportError:
+    ConfigError = ValueError
 
 # Special tokens every UniBrain text segment / image is wrapped in (Qwen2.5 vocabulary names).
 SPECIAL_TOKENS = {
@@ -23,15 +35,35 @@ SPECIAL_TOKENS = {
 }
 
 
+#: The BAGEL-7B-MoT decoder (Qwen2.5-7B sizes; each weight exists once per expert).
+BAGEL_7B_MOT_TEXT = dict(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, tie_word_embeddings=False,
+    attention_dropout=0.0, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645)
+#: The BAGEL-7B-MoT understanding encoder (SigLIP-so400m/14 at 980 px, the 26 layers that run).
+BAGEL_7B_MOT_VISION = dict(
+    hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16, num_channels=3,
+    image_size=980, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+REQUIRED_SUB_CONFIGS = ("text_config", "vision_config")
+
+
+class MissingSubConfigError(ConfigError):
+    """A stored config lacks a required sub-config (re-raised by ``from_pretrained`` naming the file)."""
+
+
 class UniBrainConfig(PreTrainedConfig):
     r"""Configuration for :class:`UniBrainForConditionalGeneration`.
 
     Args:
         text_config: Qwen2 decoder settings (hidden size, layers, heads, GQA KV heads, RoPE, vocab).
-            Every decoder weight exists twice, once per expert (understanding / generation).
+            Every decoder weight exists twice, once per expert (understanding / generation). ``None``
+            gives the BAGEL-7B-MoT decoder. Word embeddings are never tied (``tie_word_embeddings=True``
+            is refused here and in ``text_config``).
         vision_config: SigLIP encoder settings. ``num_hidden_layers`` is the number of layers that
             run (BAGEL stores one more in its ``vit_config.json`` and drops the last one).
-            ``image_size`` must equal ``vit_max_num_patch_per_side * patch_size``.
+            ``image_size`` must equal ``vit_max_num_patch_per_side * patch_size``. ``None`` gives the
+            BAGEL-7B-MoT encoder.
         latent_patch_size: VAE latent pixels per side merged into one generation token (2).
         max_latent_size: side of the 2-D sin-cos table for latent tokens (64 for BAGEL-7B-MoT).
         vit_max_num_patch_per_side: side of the ViT position grid (70 = 980 px / 14).
@@ -70,15 +102,18 @@ class UniBrainConfig(PreTrainedConfig):
         **kwargs,
     ):
         if text_config is None:
-            text_config = Qwen2Config()
+            text_config = Qwen2Config(**BAGEL_7B_MOT_TEXT)
         elif isinstance(text_config, dict):
             text_config = Qwen2Config(**text_config)
         if vision_config is None:
-            vision_config = SiglipVisionConfig()
+            vision_config = SiglipVisionConfig(**BAGEL_7B_MOT_VISION)
         elif isinstance(vision_config, dict):
             vision_config = SiglipVisionConfig(**vision_config)
-        # The MoT decoder never ties embeddings, whatever a source config says.
-        text_config.tie_word_embeddings = False
+        # The MoT decoder has its own lm_head next to the embeddings; tying them would change the model.
+        if kwargs.get("tie_word_embeddings") or getattr(text_config, "tie_word_embeddings", False):
+            where = "tie_word_embeddings" if kwargs.get("tie_word_embeddings") else "text_config.tie_word_embeddings"
+            raise ConfigError(f"UniBrainConfig: {where}=True is not supported; the MoT decoder never ties its "
+                              f"input embeddings to lm_head (set it to false)")
         self.text_config = text_config
         self.vision_config = vision_config
         self.latent_patch_size = int(latent_patch_size)
@@ -96,11 +131,21 @@ class UniBrainConfig(PreTrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         self.validate_sizes()
+        _load_model_class()
 
     # ------------------------------------------------------------------ derived sizes
     @property
     def hidden_size(self) -> int:
         return self.text_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        """The decoder's vocabulary (``text_config.vocab_size``), as text-model utilities expect it at the top."""
+        return self.text_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:
+        self.text_config.vocab_size = value
 
     @property
     def latent_downsample(self) -> int:
@@ -136,21 +181,48 @@ class UniBrainConfig(PreTrainedConfig):
             problems.append(f"vision_config.image_size ({vision.image_size}) must equal vit_max_num_patch_per_side "
                             f"({self.vit_max_num_patch_per_side}) × patch_size ({vision.patch_size})")
         if problems:
-            raise ValueError("invalid UniBrainConfig: " + "; ".join(problems))
+            raise ConfigError("invalid UniBrainConfig: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def check_config_dict(cls, config_dict: dict, source: str = "the config") -> None:
+        """Refuse a stored config without its sub-configs (it would otherwise become the 14B default)."""
+        missing = [key for key in REQUIRED_SUB_CONFIGS
+                   if not isinstance(config_dict.get(key), (dict, PreTrainedConfig))]
+        if missing:
+            raise MissingSubConfigError(f"{source} has no {' or '.join(repr(k) for k in missing)}: a UniBrain config "
+                                    f"holds the decoder (text_config) and the ViT (vision_config) settings, so this "
+                                    f"file is incomplete (re-run the converter or save_pretrained)")
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        merged = {**config_dict, **{k: v for k, v in kwargs.items() if k in REQUIRED_SUB_CONFIGS}}
+        name = kwargs.get("name_or_path")
+        cls.check_config_dict(merged, source=f"the config.json of {name}" if name else "the config (config.json)")
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike):
+        with open(json_file, encoding="utf-8") as stream:
+            cls.check_config_dict(json.load(stream), source=str(json_file))
+        return super().from_json_file(json_file)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' loader; a stored config missing a sub-config is refused naming its file."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except MissingSubConfigError as error:
+            location = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "", "config.json")
+            message = str(error).split(" has no ", 1)[1]
+            raise ConfigError(f"{location} has no {message}") from None
 
     # ------------------------------------------------------------------ presets
     @classmethod
     def bagel_7b_mot(cls, **overrides) -> "UniBrainConfig":
         """The BAGEL-7B-MoT sizes (Qwen2.5-7B decoder ×2 experts, SigLIP-so400m/14 @ 980 px, 26 layers)."""
-        text = Qwen2Config(
-            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4, hidden_act="silu", max_position_embeddings=32768,
-            rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-            tie_word_embeddings=False, attention_dropout=0.0, use_sliding_window=False,
-            bos_token_id=151643, eos_token_id=151645)
-        vision = SiglipVisionConfig(
-            hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
-            num_channels=3, image_size=980, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+        text = Qwen2Config(**BAGEL_7B_MOT_TEXT)
+        vision = SiglipVisionConfig(**BAGEL_7B_MOT_VISION)
         kwargs = dict(text_config=text, vision_config=vision, latent_patch_size=2, max_latent_size=64,
                       vit_max_num_patch_per_side=70, latent_channels=16, vae_downsample=8)
         kwargs.update(overrides)
@@ -173,3 +245,18 @@ class UniBrainConfig(PreTrainedConfig):
                       start_of_image_token_id=vocab_size - 2, end_of_image_token_id=vocab_size - 1)
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+def register_auto_config() -> None:
+    """``AutoConfig.register("unibrain", UniBrainConfig)`` (the package runs it once transformers is imported)."""
+    from transformers import AutoConfig
+
+    AutoConfig.register(UniBrainConfig.model_type, UniBrainConfig, exist_ok=True)
+
+
+def _load_model_class() -> None:
+    """Import the model module once a config exists: importing it registers ``AutoModel`` (see the package's
+    ``__init__``), so ``AutoModel.from_pretrained`` / ``from_config`` find the class. Skipped when this file
+    runs as remote code, where transformers maps the classes through ``auto_map``."""
+    if __name__.startswith("unibrain_hf.") and "unibrain_hf.modeling.modeling_unibrain" not in sys.modules:
+        importlib.import_module("unibrain_hf.modeling.modeling_unibrain")

@@ -4,6 +4,10 @@ A pipeline directory holds ``model_index.json`` plus one sub-folder per componen
 (``model``, ``vae``, ``scheduler``, ``tokenizer``, ``processor``). The scheduler is diffusers'
 ``FlowMatchEulerDiscreteScheduler``; UniBrain's sampler passes the reference time grid
 (``linspace(1, 0, N)`` shifted) to it explicitly, so its own training-step settings are inert.
+Writers that do not hold a pipeline object (the converter, the training export) end with
+:func:`write_pipeline_index`, which writes ``model_index.json`` as diffusers would and then
+completes the directory exactly as ``UniBrainPipeline.save_pretrained`` does (shipped code,
+``auto_map``, model card: :func:`unibrain_hf.pipelines.hub.complete_pipeline_directory`).
 
     python -c "from unibrain_hf.pipelines.components import flow_match_scheduler; print(flow_match_scheduler())"
 """
@@ -33,8 +37,11 @@ def save_pipeline_components(directory: str | Path, model, vae, tokenizer, proce
     write_pipeline_index(directory)
 
 
-def write_pipeline_index(directory: str | Path, config=None) -> None:
-    """Write ``scheduler/`` and ``model_index.json`` next to already-saved model/vae/tokenizer folders."""
+def write_pipeline_index(directory: str | Path) -> None:
+    """Write ``scheduler/`` and ``model_index.json`` next to already-saved model/vae/tokenizer/processor
+    folders, then ship the pipeline's code and model card into the directory."""
+    from .hub import complete_pipeline_directory
+
     directory = Path(directory)
     flow_match_scheduler().save_pretrained(str(directory / "scheduler"))
     tokenizer_class = "Qwen2Tokenizer"
@@ -51,6 +58,7 @@ def write_pipeline_index(directory: str | Path, config=None) -> None:
         "processor": ["unibrain_hf.processing.processor", "UniBrainProcessor"],
     }
     (directory / "model_index.json").write_text(json.dumps(index, indent=2))
+    complete_pipeline_directory(directory)
 
 
 def _diffusers_version() -> str:

@@ -1,7 +1,8 @@
 """``UniBrainPipeline``: brain-MRI sequence imputation and reasoning in one interleaved KV-cache context.
 
 Given the MRI sequences a patient has (2-D slices or NIfTI volumes), the pipeline imputes the
-missing ones and/or writes text, exactly as UniBrain's evaluation does it:
+missing ones and/or writes text, exactly as UniBrain's evaluation does it (see
+UniBrain's ``inferencer.py`` and ``evaluate_metrics.py``):
 
 * ``generation`` — each target imputed from the inputs with "Translate the attached MRI into its
   {T} image." (targets are independent; shift 3).
@@ -55,6 +56,7 @@ from ..utils.readers import check_pipeline_directory
 from . import mri_io
 from .context import EncodedImage, InterleavedContext
 from .lora import UniBrainLoraLoaderMixin
+from .hub import UniBrainHubMixin
 from .pipeline_output import UniBrainPipelineOutput
 from .sampler import GuidanceSettings, check_scheduler, combine_guidance, flow_sigmas, set_flow_timesteps
 from .settings import IMAGE_TASKS, CallSettings
@@ -154,7 +156,7 @@ def _is_local_path(name_or_path) -> bool:
     return str(name_or_path).startswith((".", "~")) or os.path.isabs(str(name_or_path))
 
 
-class UniBrainPipeline(UniBrainLoraLoaderMixin, DiffusionPipeline):
+class UniBrainPipeline(UniBrainLoraLoaderMixin, UniBrainHubMixin, DiffusionPipeline):
     r"""Interleaved brain-MRI imputation and understanding with UniBrain (BAGEL-7B-MoT).
 
     Args:

@@ -41,6 +41,11 @@ def __dir__():
 
 def _register_config(_transformers=None) -> None:
     """``AutoConfig.register("unibrain", UniBrainConfig)``; runs once transformers is imported."""
+    import sys
+
+    module = sys.modules.get(__name__ + ".modeling.configuration_unibrain")
+    if module is not None and not hasattr(module, "register_auto_config"):
+        return  # transformers is being imported by that very module; it registers itself when its body ends
     from .modeling.configuration_unibrain import register_auto_config
 
     register_auto_config()

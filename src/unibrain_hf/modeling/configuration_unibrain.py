@@ -260,3 +260,8 @@ def _load_model_class() -> None:
     runs as remote code, where transformers maps the classes through ``auto_map``."""
     if __name__.startswith("unibrain_hf.") and "unibrain_hf.modeling.modeling_unibrain" not in sys.modules:
         importlib.import_module("unibrain_hf.modeling.modeling_unibrain")
+
+
+if __name__.startswith("unibrain_hf."):
+    # Inside the package (not as Hub remote code) the config type is known to AutoConfig from the start.
+    register_auto_config()

@@ -269,7 +269,7 @@ def _(env, tmp):
     return lambda: UniBrainForConditionalGeneration.from_pretrained(env.model_dir, use_safetensors=False)
 
 
-@case("model-config-without-text-config", ConfigError, "text_config", owner=HUB)
+@case("model-config-without-text-config", ConfigError, "text_config")
 def _(env, tmp):
     model_dir = copy(env.model_dir, tmp)
     config = json.loads((model_dir / "config.json").read_text())
@@ -954,30 +954,30 @@ def convert(fixture_dir, tmp, *extra, src=None):
     return unibrain("convert", src or fixture_dir, tmp / "converted", *extra)
 
 
-@case("convert-output-exists", CLI, "--overwrite", owner=HUB, code=None)
+@case("convert-output-exists", CLI, "--overwrite", code=None)
 def _(env, tmp):
     (tmp / "converted").mkdir()
     (tmp / "converted" / "keep.txt").write_text("x")
     return convert(env.fixture_dir, tmp)
 
 
-@case("convert-weights-missing", CLI, "--weights", "nope.safetensors", owner=HUB, code=None)
+@case("convert-weights-missing", CLI, "--weights", "nope.safetensors", code=None)
 def _(env, tmp):
     return convert(env.fixture_dir, tmp, "--weights", tmp / "nope.safetensors")
 
 
-@case("convert-weights-pickle", CLI, "--weights", "ema.bin", "pickle", owner=HUB, code=None)
+@case("convert-weights-pickle", CLI, "--weights", "ema.bin", "pickle", code=None)
 def _(env, tmp):
     return convert(env.fixture_dir, tmp, "--weights", malicious_pickle(tmp / "ema.bin"))
 
 
-@case("convert-weights-truncated", CLI, "--weights", "ema.safetensors", owner=HUB, code=None)
+@case("convert-weights-truncated", CLI, "--weights", "ema.safetensors", code=None)
 def _(env, tmp):
     weights = truncate(copy(env.fixture_dir / "ema.safetensors", tmp))
     return convert(env.fixture_dir, tmp, "--weights", weights)
 
 
-@case("convert-no-weights-names-flag", CLI, "--weights", owner=HUB, code=None)
+@case("convert-no-weights-names-flag", CLI, "--weights", code=None)
 def _(env, tmp):
     source = tmp / "bagel"
     source.mkdir()
@@ -987,7 +987,7 @@ def _(env, tmp):
     return convert(env.fixture_dir, tmp, src=source)
 
 
-@case("convert-shard-size", CLI, "--max-shard-size-gb", owner=HUB, code=None)
+@case("convert-shard-size", CLI, "--max-shard-size-gb", code=None)
 def _(env, tmp):
     return convert(env.fixture_dir, tmp, "--max-shard-size-gb", "0")
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..utils.cli_types import positive_float
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="BAGEL directory (llm_config.json, vit_config.json, ae.safetensors, tokenizer, weights)")
     parser.add_argument("dst", help="output pipeline directory (must not exist unless --overwrite)")
     parser.add_argument("--weights", help="take the model weights from this safetensors file (e.g. a UniBrain checkpoint)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights (default: keep)")
-    parser.add_argument("--max-shard-size-gb", type=float, default=5.0, help="size of each model shard (GB)")
+    parser.add_argument("--max-shard-size-gb", type=positive_float, default=5.0, help="size of each model shard (GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
 
@@ -36,6 +38,8 @@ def run(args) -> int:
         option = getattr(exc, "option", None) if isinstance(exc, ConversionError) else None
         if option in FLAG_HINTS:
             message = message.replace(f"pass {OPTION_HINTS[option]}", f"pass {FLAG_HINTS[option]}")
+        elif option == "weights_file":  # the reader named the Python argument; name the flag instead
+            message = message.replace("weights (", "--weights (", 1)
         print(f"unibrain convert: error: {message}", file=sys.stderr)
         return 1
     print(f"wrote {report.destination}: {report.num_tensors} tensors, {report.total_bytes / 1e6:.1f} MB; "

@@ -37,7 +37,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, SiglipVisionConfig
 
-from ..errors import ConversionError
+from ..errors import ConversionError, UniBrainError
+from ..utils.readers import check_safetensors
 from ..modeling.configuration_unibrain import UniBrainConfig
 from ..modeling.modeling_unibrain import UniBrainForConditionalGeneration, sincos_2d_table
 from .bagel_keys import FIXED_TABLE_KEYS, UnknownKeyError, rename_bagel_key, vit_layer_index
@@ -344,6 +345,13 @@ def convert_bagel_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathL
                                   f"{OPTION_HINTS['weights']} to take the weights from elsewhere", option="weights")
         weights = found[0]
     weights = Path(weights)
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
+        raise ConversionError(f"max_shard_size must be a positive number of bytes; got {max_shard_size!r}",
+                              option="max_shard_size")
+    try:  # a missing, truncated or pickled weights file is reported before anything is built
+        check_safetensors(weights, "weights")
+    except UniBrainError as exc:
+        raise ConversionError(str(exc), option="weights_file") from exc
 
     tokenizer, special_ids = load_bagel_tokenizer(src_dir)
     config = build_config_from_bagel(src_dir, special_ids)

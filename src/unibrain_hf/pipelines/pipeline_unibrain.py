@@ -253,7 +253,7 @@ class UniBrainPipeline(DiffusionPipeline):
         """B uint8 RGB images of one VAE-valid size → latent tokens (VAE block) + ViT patches."""
         config = self.model.config
         pil_images = [Image.fromarray(np.asarray(a, dtype=np.uint8), mode="RGB") for a in rgb_images]
-        pixels = torch.stack([to_model_tensor(image) for image in pil_images])
+        pixels = torch.stack([to_model_tensor(image) for image in pil_images]).to(self._execution_device)
         height, width = pixels.shape[-2:]
         stride, patch = self.latent_stride, config.latent_patch_size
         rows, cols = height // stride, width // stride
@@ -300,7 +300,7 @@ class UniBrainPipeline(DiffusionPipeline):
         if latents is None:
             # diffusers' randn_tensor draws on the generator's device (a CPU generator also seeds GPU runs).
             latents = randn_tensor((batch_size, rows * cols, config.patch_latent_dim), generator=generator,
-                                   device=self.model.device, dtype=torch.float32)
+                                   device=self._execution_device, dtype=torch.float32)
         x = latents.float().clone()
         grid = flow_timesteps(num_inference_steps, timestep_shift)
         # The scheduler runs the Euler update on UniBrain's grid (its own shift stays 1).

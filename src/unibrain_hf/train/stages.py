@@ -31,8 +31,7 @@ def is_trainable(stage: str, name: str) -> bool:
 
 def configure_stage(model, stage: str) -> list[str]:
     """Set ``requires_grad`` and the model's gradient-stopping flags for ``stage``; return trainable names."""
-    model.config.freeze_und = stage == "align"
-    model.config.freeze_gen = False
+    model.freeze_experts(und=stage == "align", gen=False)
     names = []
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(is_trainable(stage, name))

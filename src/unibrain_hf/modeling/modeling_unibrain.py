@@ -158,6 +158,17 @@ class UniBrainConnector(nn.Module):
         return self.fc2(self.act(self.fc1(hidden)))
 
 
+def _in_float_dtype_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the floating dtype of a module declared in ``_keep_in_fp32_modules``.
+
+    Such a module is float32 after an fp16 load, or in whatever dtype a whole-model cast left it
+    (``pipe.to(torch.bfloat16)``); a quantized or fp8 storage dtype never decides the input dtype
+    (transformers' T5 and diffusers' Wan treat their fp32 modules the same way).
+    """
+    dtype = module.weight.dtype
+    return x.to(dtype) if dtype.is_floating_point and dtype.itemsize >= 2 else x
+
+
 class UniBrainTimestepEmbedder(nn.Module):
     """DiT-style embedding of flow time t ∈ [0, 1]: 256 [cos, sin] frequencies → Linear-SiLU-Linear."""
 
@@ -167,15 +178,10 @@ class UniBrainTimestepEmbedder(nn.Module):
         self.embedding = TimestepEmbedding(frequency_size, hidden_size, act_fn="silu")
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        # The sinusoids are always float32, and so is the MLP: the model declares this module in
-        # ``_keep_in_fp32_modules`` (kept out of quantization and of fp16/bf16 loading). If a caller casts
-        # the whole model afterwards (``pipe.to(torch.bfloat16)``), the MLP's own float dtype is used —
-        # never a quantized storage dtype (diffusers' Wan transformer does the same).
+        # The sinusoids are float32, and so is the MLP: the model declares this module in
+        # ``_keep_in_fp32_modules(_strict)`` (float32 under fp16/bf16 loading, never quantized).
         frequencies = self.frequencies(t.reshape(-1).float())
-        dtype = self.embedding.linear_1.weight.dtype
-        if dtype in (torch.float16, torch.bfloat16):
-            frequencies = frequencies.to(dtype)
-        return self.embedding(frequencies)
+        return self.embedding(_in_float_dtype_of(self.embedding.linear_1, frequencies))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,9 +507,10 @@ class UniBrainPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_flash_attn = True
     _supports_attention_backend = True
-    # The flow-time embedder stays float32 under fp16/bf16 loading and is never quantized
-    # (transformers' quantizers add these modules to ``modules_to_not_convert``).
-    _keep_in_fp32_modules = ["time_embedder"]
+    # Never quantized (transformers' quantizers add these to ``modules_to_not_convert``) and float32
+    # under an fp16 load: the flow-time embedder (float32 under bf16 too) and the two small latent
+    # adapters (0.5 M parameters for BAGEL-7B-MoT) that the velocity goes through.
+    _keep_in_fp32_modules = ["time_embedder", "vae2llm", "llm2vae"]
     _keep_in_fp32_modules_strict = ["time_embedder"]
     # A KV cache holds each layer's keys/values on that layer's device: hooks must not move it.
     _skip_keys_device_placement = ["cache"]
@@ -622,7 +629,8 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
 
     def embed_latents(self, latent_tokens, timesteps, position_ids):
         """Patchified latents (…, p·p·C) at flow time t → LLM-width embeddings."""
-        hidden = self.vae2llm(latent_tokens.to(self.dtype))
+        dtype = self.dtype
+        hidden = self.vae2llm(_in_float_dtype_of(self.vae2llm, latent_tokens.to(dtype))).to(dtype)
         time_embeds = self.time_embedder(timesteps).to(hidden)
         pos = self.latent_pos_embed(position_ids).to(hidden)
         return hidden + time_embeds + pos
@@ -773,7 +781,8 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
                 if mse_loss_indexes is not None and not torch.equal(
                         gen_index[has_loss.to(gen_index.device)].cpu(), mse_loss_indexes.to(torch.long).cpu()):
                     raise ValueError("mse_loss_indexes do not match the noisy (finite-timestep) VAE tokens")
-                velocity = self.llm2vae(gen_out[0, has_loss.to(gen_out.device)])
+                noisy = gen_out[0, has_loss.to(gen_out.device)]
+                velocity = self.llm2vae(_in_float_dtype_of(self.llm2vae, noisy))
                 target = (noise - clean)[has_loss].to(velocity.device)
                 mse = (velocity.float() - target.float()) ** 2
                 mse_loss = mse.mean(dim=-1).sum() / mse.shape[0]
@@ -889,7 +898,8 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
 
     def _phase_velocity(self, cache, position: int, latent_tokens, latent_position_ids, timesteps):
         gen_out, _ = self._latent_block(cache, position, latent_tokens, latent_position_ids, timesteps, False)
-        return UniBrainCachedOutput(cache=cache, velocity=self.llm2vae(gen_out))
+        velocity = self.llm2vae(_in_float_dtype_of(self.llm2vae, gen_out))
+        return UniBrainCachedOutput(cache=cache, velocity=velocity)
 
     def _phase_decode(self, cache, position: int, input_ids):
         token_ids = input_ids.reshape(-1, 1)

@@ -47,6 +47,7 @@ from transformers.utils import ModelOutput
 from .attention import PackedAttentionLayout, cached_attention, packed_attention
 from .cache import UniBrainKVCache
 from .configuration_unibrain import UniBrainConfig
+from .memory_options import check_memory_options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +98,17 @@ def flattened_position_ids(height: int, width: int, patch: int, grid_size: int) 
     return (torch.arange(rows)[:, None] * grid_size + torch.arange(cols)[None, :]).flatten()
 
 
+def _in_float_dtype_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the floating dtype of a module declared in ``_keep_in_fp32_modules``.
+
+    Such a module is float32 after an fp16 load, or in whatever dtype a whole-model cast left it
+    (``pipe.to(torch.bfloat16)``); a quantized or fp8 storage dtype never decides the input dtype
+    (transformers' T5 and diffusers' Wan treat their fp32 modules the same way).
+    """
+    dtype = module.weight.dtype
+    return x.to(dtype) if dtype.is_floating_point and dtype.itemsize >= 2 else x
+
+
 # ---------------------------------------------------------------------------------------------
 # Understanding encoder: SigLIP NaViT
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +123,11 @@ class UniBrainVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(num_positions, config.hidden_size)
 
     def forward(self, pixel_patches: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.patch_embedding(pixel_patches) + self.position_embedding(position_ids)
+        # The patch embedding is SigLIP's convolution written as a Linear over flattened patches; like the
+        # convolution it is declared out of quantization (and float32 under an fp16 load).
+        positions = self.position_embedding(position_ids)
+        patches = self.patch_embedding(_in_float_dtype_of(self.patch_embedding, pixel_patches))
+        return patches.to(positions.dtype) + positions
 
 
 class UniBrainVisionModel(nn.Module):
@@ -156,17 +172,6 @@ class UniBrainConnector(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(hidden)))
-
-
-def _in_float_dtype_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the floating dtype of a module declared in ``_keep_in_fp32_modules``.
-
-    Such a module is float32 after an fp16 load, or in whatever dtype a whole-model cast left it
-    (``pipe.to(torch.bfloat16)``); a quantized or fp8 storage dtype never decides the input dtype
-    (transformers' T5 and diffusers' Wan treat their fp32 modules the same way).
-    """
-    dtype = module.weight.dtype
-    return x.to(dtype) if dtype.is_floating_point and dtype.itemsize >= 2 else x
 
 
 class UniBrainTimestepEmbedder(nn.Module):
@@ -508,9 +513,10 @@ class UniBrainPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     # Never quantized (transformers' quantizers add these to ``modules_to_not_convert``) and float32
-    # under an fp16 load: the flow-time embedder (float32 under bf16 too) and the two small latent
-    # adapters (0.5 M parameters for BAGEL-7B-MoT) that the velocity goes through.
-    _keep_in_fp32_modules = ["time_embedder", "vae2llm", "llm2vae"]
+    # under an fp16 load: the flow-time embedder (float32 under bf16 too), the two small latent
+    # adapters the velocity goes through and the ViT patch embedding (SigLIP's convolution, which no
+    # quantizer converts; 1.6 M parameters in all for BAGEL-7B-MoT).
+    _keep_in_fp32_modules = ["time_embedder", "vae2llm", "llm2vae", "patch_embedding"]
     _keep_in_fp32_modules_strict = ["time_embedder"]
     # A KV cache holds each layer's keys/values on that layer's device: hooks must not move it.
     _skip_keys_device_placement = ["cache"]
@@ -573,6 +579,7 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
         if ("subfolder" not in kwargs and os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json"))
                 and os.path.exists(os.path.join(path, "model", "config.json"))):
             kwargs["subfolder"] = "model"
+        check_memory_options(**kwargs)  # device_map / max_memory / quantization_config: named errors, early
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ helpers

@@ -17,7 +17,7 @@ from unibrain_hf import UniBrainForConditionalGeneration, UniBrainPipeline
 from unibrain_hf.modeling.modeling_unibrain import INFERENCE_PHASES
 
 CPU = torch.device("cpu")
-CALL = dict(target_modalities=["t2w", "t2f"], task="unified", num_inference_steps=3, max_new_tokens=3,
+CALL = dict(target_modalities=["t2w"], task="unified", num_inference_steps=3, max_new_tokens=3,
             output_type="np")
 
 

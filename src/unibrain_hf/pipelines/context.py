@@ -65,8 +65,9 @@ class InterleavedContext:
         batch_size: rows B; a text given once is shared by all rows.
     """
 
-    def __init__(self, model, bos_token_id: int, eos_token_id: int, batch_size: int = 1):
+    def __init__(self, model, bos_token_id: int, eos_token_id: int, batch_size: int = 1, device=None):
         self.model = model
+        self.device = device  # the pipeline's execution device: every tensor handed to the model goes there
         self.batch_size = int(batch_size)
         self.bos_token_id = int(bos_token_id)
         self.eos_token_id = int(eos_token_id)
@@ -89,15 +90,16 @@ class InterleavedContext:
         return torch.cat([bos, ids, eos], dim=1)
 
     def _text(self, context: KVContext, wrapped: torch.Tensor) -> KVContext:
-        cache = self.model.prefill_text_cached(context.cache, wrapped, context.rope)
+        cache = self.model.prefill_text_cached(context.cache, wrapped.to(self.device), context.rope)
         return KVContext(cache, context.rope + wrapped.shape[1])
 
     def _image(self, context: KVContext, image: EncodedImage) -> KVContext:
         # The VAE block and the ViT block each take one RoPE position (then +1).
-        cache = self.model.prefill_latents_cached(context.cache, image.latent_tokens, image.latent_position_ids,
-                                                  context.rope)
+        cache = self.model.prefill_latents_cached(context.cache, image.latent_tokens.to(self.device),
+                                                  image.latent_position_ids.to(self.device), context.rope)
         per_image = image.vit_patches.shape[0] // image.batch_size
-        cache = self.model.prefill_vit_cached(cache, image.vit_patches, image.vit_position_ids,
+        cache = self.model.prefill_vit_cached(cache, image.vit_patches.to(self.device),
+                                              image.vit_position_ids.to(self.device),
                                               [per_image] * image.batch_size, context.rope + 1)
         return KVContext(cache, context.rope + 2)
 
@@ -132,7 +134,7 @@ class InterleavedContext:
         """A free copy (caches are immutable-append): e.g. ask a question without keeping it."""
         clone = InterleavedContext.__new__(InterleavedContext)
         clone.model, clone.bos_token_id, clone.eos_token_id = self.model, self.bos_token_id, self.eos_token_id
-        clone.batch_size = self.batch_size
+        clone.batch_size, clone.device = self.batch_size, self.device
         clone.gen, clone.cfg_text, clone.cfg_img = self.gen.snapshot(), self.cfg_text.snapshot(), self.cfg_img.snapshot()
         return clone
 
@@ -144,6 +146,7 @@ class InterleavedContext:
         The generated image sits at each context's own next RoPE position.
         """
         velocity = self.model.velocity_cached
+        latent_position_ids = latent_position_ids.to(self.device)
         v_cond = velocity(self.gen.cache, x_t, t, latent_position_ids, self.gen.rope)
         v_text = v_image = None
         if text_scale > 1.0:
@@ -169,7 +172,7 @@ class InterleavedContext:
         tokens, step_logits = [], []
         for _ in range(int(max_length)):
             tokens.append(current)
-            logits, cache = self.model.next_token_logits_cached(cache, current, position)
+            logits, cache = self.model.next_token_logits_cached(cache, current.to(self.device), position)
             logits = logits.float().cpu()
             if return_logits:
                 step_logits.append(logits)

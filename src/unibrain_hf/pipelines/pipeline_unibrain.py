@@ -245,7 +245,8 @@ class UniBrainPipeline(DiffusionPipeline):
 
     def new_context(self, batch_size: int = 1) -> InterleavedContext:
         ids = self._special_ids()
-        return InterleavedContext(self.model, ids["bos_token_id"], ids["eos_token_id"], batch_size)
+        return InterleavedContext(self.model, ids["bos_token_id"], ids["eos_token_id"], batch_size,
+                                  device=self._execution_device)
 
     @torch.no_grad()
     def encode_images(self, rgb_images: list[np.ndarray], posterior_eps: torch.Tensor | None = None,
@@ -301,7 +302,7 @@ class UniBrainPipeline(DiffusionPipeline):
             # diffusers' randn_tensor draws on the generator's device (a CPU generator also seeds GPU runs).
             latents = randn_tensor((batch_size, rows * cols, config.patch_latent_dim), generator=generator,
                                    device=self._execution_device, dtype=torch.float32)
-        x = latents.float().clone()
+        x = latents.float().to(self._execution_device, copy=True)
         grid = flow_timesteps(num_inference_steps, timestep_shift)
         # The scheduler runs the Euler update on UniBrain's grid (its own shift stays 1).
         self.scheduler.set_timesteps(sigmas=grid[:-1].numpy(), device="cpu")

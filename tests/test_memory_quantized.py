@@ -94,3 +94,17 @@ def test_pipeline_in_bf16_and_model_load_stay_loadable(converted_fixture):
     # A bf16 load keeps the declared fp32 module and still loads the pipeline.
     pipe = load(converted_fixture, dtype=torch.bfloat16)
     assert pipe.model.time_embedder.embedding.linear_2.weight.dtype == torch.float32
+
+
+def test_layerwise_fp8_casting_with_declared_skips(converted_fixture):
+    """diffusers' apply_layerwise_casting (fp8 storage) with the model's declared skip patterns."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    model = UniBrainForConditionalGeneration.from_pretrained(converted_fixture / "model").eval()
+    plain = UniBrainForConditionalGeneration.from_pretrained(converted_fixture / "model").eval()
+    apply_layerwise_casting(model, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32,
+                            skip_modules_pattern=tuple(model._skip_layerwise_casting_patterns))
+    assert model.language_model.layers[0].gen.q_proj.weight.dtype == torch.float8_e4m3fn
+    assert model.dtype == torch.float32  # read from the token embedding, which is skipped
+    for ours, theirs in zip(_velocity_and_logits(model), _velocity_and_logits(plain)):
+        assert 0 < float((ours - theirs).norm() / theirs.norm()) < 0.1

@@ -182,7 +182,7 @@ class Bench:
                 quantization = BitsAndBytesConfig(load_in_8bit=True) if mode == "bnb8" else BitsAndBytesConfig(
                     load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
                 model = Model.from_pretrained(path, dtype=torch.bfloat16, quantization_config=quantization,
-                                              device_map={"": device} if self.cuda else None)
+                                              device_map={"": self.device.index or 0} if self.cuda else None)
             return pipeline_for(model.eval(), vae, self.tokenizer, self.args.size), None
         model = random_model(self.config, device)
         pipe = pipeline_for(model, vae, self.tokenizer, self.args.size)
@@ -193,20 +193,12 @@ class Bench:
         if mode == "model_offload":
             pipe.enable_model_cpu_offload(device=device)
         elif mode == "sequential_offload":
-            if self.cuda:
-                pipe.enable_sequential_cpu_offload(device=device)
-            else:  # diffusers would use "cpu:0", whose copies make accelerate drop Parameters on a CPU run
-                from accelerate import cpu_offload
-
-                for component in (pipe.model, pipe.vae):
-                    cpu_offload(component, cpu, offload_buffers=len(component._parameters) > 0)
+            pipe.enable_sequential_cpu_offload(device=device)
         elif mode in ("group_block", "group_leaf"):
             pipe.enable_group_offload(onload_device=device, offload_type=mode.replace("group_", "") + "_level",
                                       num_blocks_per_group=1)
         elif mode == "expert_offload":
-            from unibrain_hf.pipelines.offload import enable_expert_offload
-
-            offload = enable_expert_offload(pipe, device=device)
+            offload = pipe.enable_expert_offload(device=device)
         else:
             raise ValueError(f"unknown mode {mode!r}")
         return pipe, offload

@@ -10,7 +10,6 @@ modes' own hooks (``meta`` placeholders, onload calls, disk files).
 import numpy as np
 import pytest
 import torch
-from accelerate import cpu_offload
 from accelerate.hooks import ModelHook, add_hook_to_module
 
 from unibrain_hf import UniBrainForConditionalGeneration, UniBrainPipeline
@@ -77,11 +76,7 @@ def test_model_cpu_offload_hook_sees_every_phase(converted_fixture, reference):
 
 def test_sequential_offload_streams_every_weight(converted_fixture, reference):
     pipe = load(converted_fixture)
-    # What pipe.enable_sequential_cpu_offload(device=...) does, with an unindexed CPU device: diffusers
-    # formats the device as "cpu:0", and a tensor moved to "cpu:0" is a copy, which makes accelerate swap
-    # parameters for plain tensors on a CPU "accelerator" (a GPU device is unaffected).
-    for component in (pipe.model, pipe.vae):
-        cpu_offload(component, CPU, offload_buffers=len(component._parameters) > 0)
+    pipe.enable_sequential_cpu_offload(device="cpu")
     assert pipe._execution_device == CPU
     model = pipe.model
     assert all(p.device.type == "meta" for p in model.parameters())

@@ -27,7 +27,7 @@ def _bytes(params):
 
 def test_expert_offload_accounting_per_phase(converted_fixture, reference):
     pipe = load(converted_fixture)
-    offload = enable_expert_offload(pipe, device="cpu")
+    offload = pipe.enable_expert_offload(device="cpu")
     model = pipe.model
     assert pipe._execution_device == torch.device("cpu")
     expert_of = {}

@@ -145,9 +145,13 @@ def test_attention_backends_agree(batch_and_latents):
     assert torch.allclose(outputs["sdpa"].last_hidden_state, flex.last_hidden_state, atol=1e-5)
 
 
-def test_freeze_und_blocks_understanding_gradients(batch_and_latents):
+@pytest.mark.parametrize("how", ["config", "freeze_experts"])
+def test_freeze_und_blocks_understanding_gradients(batch_and_latents, how):
     batch, latents = batch_and_latents
-    model = tiny_model(freeze_und=True).train()
+    model = tiny_model(freeze_und=True) if how == "config" else tiny_model()
+    if how == "freeze_experts":  # the flags live on the decoder; the config only gives their initial values
+        model.freeze_experts(und=True)
+    model.train()
     output = run(model, batch, latents)
     output.mse_loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}

@@ -241,11 +241,41 @@ def enable_expert_offload(pipeline, device: str | torch.device | None = None) ->
     return offload
 
 
+def _unindex_cpu_execution_devices(pipeline) -> None:
+    """Make accelerate's hooks execute on ``cpu``, not ``cpu:0``.
+
+    diffusers formats the offload device as ``f"{type}:{index}"``; for a CPU dry run that is ``cpu:0``,
+    and a tensor moved to ``cpu:0`` is a copy, which makes accelerate store plain tensors in place of
+    parameters and fail on the next call. A GPU device is unaffected.
+    """
+    from accelerate.hooks import SequentialHook
+
+    cpu = torch.device("cpu")
+    for component in pipeline.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for module in component.modules():
+            hook = getattr(module, "_hf_hook", None)
+            for single in (hook.hooks if isinstance(hook, SequentialHook) else [hook]):
+                device = getattr(single, "execution_device", None)
+                if device is not None and torch.device(device).type == "cpu":
+                    single.execution_device = cpu
+
+
 class ExpertOffloadMixin:
-    """Adds ``enable_expert_offload`` to a pipeline with a UniBrain ``model`` and a ``vae``."""
+    """Memory modes for a pipeline with a UniBrain ``model`` and a ``vae`` (put it before ``DiffusionPipeline``).
+
+    Adds :meth:`enable_expert_offload` and lets diffusers' ``enable_sequential_cpu_offload(device="cpu")``
+    run on a CPU (tests, dry runs).
+    """
 
     def enable_expert_offload(self, device: str | torch.device | None = None) -> ExpertOffload:
+        """Keep the shared parts and one expert of the model on ``device`` (see :func:`enable_expert_offload`)."""
         return enable_expert_offload(self, device)
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        _unindex_cpu_execution_devices(self)
 
 
 __all__ = ["ExpertOffload", "ExpertOffloadMixin", "RESIDENT_EXPERT", "enable_expert_offload"]

@@ -42,6 +42,7 @@ from ..processing.image_transforms import patchify, to_model_tensor
 from ..processing.processor import UniBrainProcessor
 from . import mri_io
 from .context import EncodedImage, InterleavedContext
+from .offload import ExpertOffloadMixin
 from .pipeline_output import UniBrainPipelineOutput
 from .sampler import RENORM_TYPES, GuidanceSettings, combine_guidance, flow_timesteps
 
@@ -78,7 +79,7 @@ def _grid_position_ids(rows: int, cols: int, grid: int, what: str) -> torch.Tens
     return (torch.arange(rows)[:, None] * grid + torch.arange(cols)[None, :]).flatten()
 
 
-class UniBrainPipeline(DiffusionPipeline):
+class UniBrainPipeline(ExpertOffloadMixin, DiffusionPipeline):
     r"""Interleaved brain-MRI imputation and understanding with UniBrain (BAGEL-7B-MoT).
 
     Args:

@@ -198,3 +198,17 @@ def test_freeze_experts_holds_flags_on_the_decoder(converted_fixture):
     model.freeze_experts(und=True)
     assert model.frozen_experts == {"und": True, "gen": False}
     assert model.language_model.stop_und_gradients and model.config.freeze_und
+
+
+def test_offload_onto_a_missing_accelerator_is_named(converted_fixture):
+    from unibrain_hf.errors import InvalidInputError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has an accelerator")
+    pipe = load(converted_fixture)
+    with pytest.raises(InvalidInputError, match=r"onload_device.*'cuda' is not available"):
+        pipe.enable_group_offload(onload_device="cuda", offload_type="leaf_level")
+    with pytest.raises(InvalidInputError, match=r"enable_expert_offload\(device=...\)"):
+        pipe.enable_expert_offload(device="cuda:1")
+    with pytest.raises(RuntimeError, match="accelerator"):  # diffusers' own check, which names the method
+        pipe.enable_sequential_cpu_offload()

@@ -205,6 +205,15 @@ class ExpertOffload:
         return self.shared_bytes() + self.expert_bytes(expert) + self.largest_leaf_bytes(other)
 
 
+def _check_device_exists(device, option: str) -> None:
+    device = torch.device(device)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise InvalidInputError(
+            f"{option}: {str(device)!r} is not available on this machine ({torch.cuda.device_count()} CUDA "
+            f"device(s)); name an existing GPU, or 'cpu' to run the same offload on the CPU (a dry run: it saves "
+            f"no memory)")
+
+
 def enable_expert_offload(pipeline, device: str | torch.device | None = None) -> ExpertOffload:
     """Run ``pipeline`` with the shared parts and one expert of its model on the accelerator.
 
@@ -220,6 +229,7 @@ def enable_expert_offload(pipeline, device: str | torch.device | None = None) ->
                 "False); pass device='cuda:N' on a GPU machine, or device='cpu' to run the same offload on the "
                 "CPU (a dry run: it saves no memory)")
         device = "cuda"
+    _check_device_exists(device, "enable_expert_offload(device=...)")
     model = pipeline.model
     if getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
         raise InvalidInputError(
@@ -276,6 +286,10 @@ class ExpertOffloadMixin:
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None):
         super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
         _unindex_cpu_execution_devices(self)
+
+    def enable_group_offload(self, onload_device, *args, **kwargs):
+        _check_device_exists(onload_device, "enable_group_offload(onload_device=...)")
+        return super().enable_group_offload(onload_device, *args, **kwargs)
 
 
 __all__ = ["ExpertOffload", "ExpertOffloadMixin", "RESIDENT_EXPERT", "enable_expert_offload"]

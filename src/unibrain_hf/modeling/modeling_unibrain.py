@@ -11,8 +11,10 @@ hard routing by token type and one joint attention over the packed sequence. Aro
   2-D sin-cos table for latent positions.
 
 :meth:`UniBrainForConditionalGeneration.forward` is the packed training forward (rectified
-flow MSE + next-token CE); the ``*_cached`` methods are the KV-cache inference primitives the
-pipeline is built from. The VAE is not part of this model (see :mod:`unibrain_hf.modeling.vae`).
+flow MSE + next-token CE) and, with ``phase=``, one KV-cache inference phase (text / ViT / latent
+prefill, decode step, velocity); the ``*_cached`` methods the pipeline is built from are thin
+wrappers that call the model, so offload hooks see every phase. The VAE is not part of this model
+(see :mod:`unibrain_hf.modeling.vae`).
 
     python -c "from unibrain_hf import UniBrainConfig, UniBrainForConditionalGeneration as M; \
 print(M(UniBrainConfig.tiny()).num_parameters())"

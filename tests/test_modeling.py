@@ -145,9 +145,13 @@ def test_attention_backends_agree(batch_and_latents):
     assert torch.allclose(outputs["sdpa"].last_hidden_state, flex.last_hidden_state, atol=1e-5)
 
 
-def test_freeze_und_blocks_understanding_gradients(batch_and_latents):
+@pytest.mark.parametrize("how", ["config", "freeze_experts"])
+def test_freeze_und_blocks_understanding_gradients(batch_and_latents, how):
     batch, latents = batch_and_latents
-    model = tiny_model(freeze_und=True).train()
+    model = tiny_model(freeze_und=True) if how == "config" else tiny_model()
+    if how == "freeze_experts":  # the flags live on the decoder; the config only gives their initial values
+        model.freeze_experts(und=True)
+    model.train()
     output = run(model, batch, latents)
     output.mse_loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -232,3 +236,18 @@ def test_vae_deduplicated_encoding_matches():
         slow = encode_latents(vae, batch, eps, deduplicate=False)
     assert torch.allclose(fast, slow, atol=1e-5)
     assert not torch.allclose(fast[0], fast[2])  # each copy keeps its own posterior sample
+
+
+def test_missing_bias_does_not_reinitialise_loaded_weight(tmp_path):
+    """transformers' guarded initialisation: only what the checkpoint lacks is initialised."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights["connector.fc1.bias"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = UniBrainForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(loaded.connector.fc1.weight, model.connector.fc1.weight)
+    assert torch.count_nonzero(loaded.connector.fc1.bias) == 0  # the missing tensor gets the model's init
+    assert torch.equal(loaded.llm2vae.weight, model.llm2vae.weight)  # zero-init head: loaded values kept

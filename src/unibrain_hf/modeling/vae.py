@@ -92,7 +92,9 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, posterior_eps: torc
     ``deduplicate`` identical images go through the encoder once (the encoder is deterministic and
     per-image, so the result is the same) and each copy still gets its own ε.
     """
-    images = images.to(device=vae.device, dtype=vae.dtype)
+    # Only the dtype is taken from the VAE: the images stay where the caller put them (the execution
+    # device). ``vae.device`` is ``meta`` under sequential offload, and hooks move inputs themselves.
+    images = images.to(dtype=vae.dtype)
     if deduplicate and images.shape[0] > 1:
         unique, inverse = _deduplicate(images)
         dist = vae.encode(unique).latent_dist
@@ -121,5 +123,5 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, posterior_eps: torc
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents → images in [-1, 1]-ish (N, 3, H, W), unclamped."""
     shift = vae.config.shift_factor or 0.0
-    latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
+    latents = latents.to(dtype=vae.dtype) / vae.config.scaling_factor + shift
     return vae.decode(latents).sample

@@ -93,15 +93,16 @@ class InterleavedContext:
         return torch.cat([bos, ids, eos], dim=1)
 
     def _text(self, context: KVContext, wrapped: torch.Tensor) -> KVContext:
-        cache = self.model.prefill_text_cached(context.cache, wrapped, context.rope)
+        cache = self.model.prefill_text_cached(context.cache, wrapped.to(self.device), context.rope)
         return KVContext(cache, context.rope + wrapped.shape[1])
 
     def _image(self, context: KVContext, image: EncodedImage) -> KVContext:
         # The VAE block and the ViT block each take one RoPE position (then +1).
-        cache = self.model.prefill_latents_cached(context.cache, image.latent_tokens, image.latent_position_ids,
-                                                  context.rope)
+        cache = self.model.prefill_latents_cached(context.cache, image.latent_tokens.to(self.device),
+                                                  image.latent_position_ids.to(self.device), context.rope)
         per_image = image.vit_patches.shape[0] // image.batch_size
-        cache = self.model.prefill_vit_cached(cache, image.vit_patches, image.vit_position_ids,
+        cache = self.model.prefill_vit_cached(cache, image.vit_patches.to(self.device),
+                                              image.vit_position_ids.to(self.device),
                                               [per_image] * image.batch_size, context.rope + 1)
         return KVContext(cache, context.rope + 2)
 
@@ -148,6 +149,7 @@ class InterleavedContext:
         The generated image sits at each context's own next RoPE position.
         """
         velocity = self.model.velocity_cached
+        latent_position_ids = latent_position_ids.to(self.device)
         v_cond = velocity(self.gen.cache, x_t, t, latent_position_ids, self.gen.rope)
         v_text = v_image = None
         if text_scale > 1.0:

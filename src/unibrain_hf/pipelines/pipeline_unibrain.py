@@ -57,6 +57,7 @@ from . import mri_io
 from .context import EncodedImage, InterleavedContext
 from .lora import UniBrainLoraLoaderMixin
 from .hub import UniBrainHubMixin
+from .offload import ExpertOffloadMixin
 from .pipeline_output import UniBrainPipelineOutput
 from .sampler import GuidanceSettings, check_scheduler, combine_guidance, flow_sigmas, set_flow_timesteps
 from .settings import IMAGE_TASKS, CallSettings
@@ -156,7 +157,7 @@ def _is_local_path(name_or_path) -> bool:
     return str(name_or_path).startswith((".", "~")) or os.path.isabs(str(name_or_path))
 
 
-class UniBrainPipeline(UniBrainLoraLoaderMixin, UniBrainHubMixin, DiffusionPipeline):
+class UniBrainPipeline(UniBrainLoraLoaderMixin, UniBrainHubMixin, ExpertOffloadMixin, DiffusionPipeline):
     r"""Interleaved brain-MRI imputation and understanding with UniBrain (BAGEL-7B-MoT).
 
     Args:

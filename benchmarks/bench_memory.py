@@ -230,7 +230,7 @@ class Bench:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        images = np.stack([out.images[code] for code in targets])
+        images = np.stack([out.images[code][0] for code in targets])
         row = {"mode": mode, "s_per_slice": round(seconds / len(targets), 3), "targets": len(targets)}
         if self.cuda:
             row["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / GIB, 3)

@@ -56,9 +56,9 @@ def test_bitsandbytes_quantized_pipeline(converted_fixture, bits, layer_class, t
     pipe = UniBrainPipeline.from_pretrained(converted_fixture, model=model)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(images={"t1n": mri_slice()}, generator=torch.Generator().manual_seed(0), **CALL)
-    for image in out.images.values():
-        assert image.shape == (30, 40) and np.isfinite(image).all()
-    assert isinstance(out.diagnosis, str)
+    for batch in out.images.values():
+        assert batch.shape == (1, 30, 40) and np.isfinite(batch).all()
+    assert isinstance(out.diagnosis[0], str)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -217,8 +217,23 @@ def test_pipeline_source_never_places_tensors_by_a_weight():
 
 
 # --------------------------------------------------------------------------- saving and loading (mixin failures)
-def test_pickle_save_is_not_loadable(pipe, tmp_path):
-    pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+def test_pickle_save_request_still_writes_loadable_safetensors(pipe, tmp_path):
+    """diffusers' suites save with ``safe_serialization=False``; the result must still load (no pickles)."""
+    pipe.save_pretrained(tmp_path / "saved", safe_serialization=False)
+    assert not list((tmp_path / "saved").rglob("*.bin")) and list((tmp_path / "saved").rglob("*.safetensors"))
+    loaded = UniBrainPipeline.from_pretrained(tmp_path / "saved")
+    for name in ("model", "vae"):
+        original = dict(getattr(pipe, name).named_parameters())
+        for key, value in getattr(loaded, name).named_parameters():
+            assert torch.equal(value, original[key]), (name, key)
+
+
+def test_pickle_only_component_is_refused(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pickled")
+    vae_dir = tmp_path / "pickled" / "vae"
+    for weights in vae_dir.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(pipe.vae.state_dict(), vae_dir / "diffusion_pytorch_model.bin")
     with pytest.raises(UnsafeFileError, match="pickle"):
         UniBrainPipeline.from_pretrained(tmp_path / "pickled")
 

@@ -39,7 +39,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffusers.utils import logging
+
 from ..errors import ConfigError, InvalidInputError
+
+logger = logging.get_logger(__name__)
 
 #: The file ``model_index.json``'s ``_class_name`` points at (diffusers' name for a custom pipeline file).
 ENTRY_MODULE = "pipeline"
@@ -520,6 +524,12 @@ class UniBrainHubMixin:
         """
         hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message", "create_pr")
                       if key in kwargs}
+        if kwargs.get("safe_serialization", True) is False:
+            # A pickle-format save could never be loaded again (loading refuses pickles), so the save
+            # stays safetensors: lossless, and what every loader of this package reads.
+            logger.warning("save_pretrained(safe_serialization=False): UniBrain pipelines are saved as safetensors "
+                           "only (pickle files are never loaded); writing safetensors")
+            kwargs["safe_serialization"] = True
         save_directory = Path(save_directory)
         if save_directory.is_file():
             raise InvalidInputError(f"save_directory {save_directory} is a file; pass a directory")

@@ -45,7 +45,7 @@ def test_common_schedule_holds_every_ranks_calls_in_order():
     assert merge_sequences([[TEXT, PREDICT, TEXT, IMAGE], [TEXT, IMAGE, TEXT, IMAGE]]) in (
         [TEXT, PREDICT, IMAGE, TEXT, IMAGE], [TEXT, IMAGE, PREDICT, TEXT, IMAGE])
     # One process: the rank's own calls, unchanged.
-    assert common_schedule([TEXT, PREDICT, IMAGE], "cpu") == [(TEXT, True), (PREDICT, True), (IMAGE, True)]
+    assert common_schedule([TEXT, PREDICT, IMAGE]) == [(TEXT, True), (PREDICT, True), (IMAGE, True)]
     with pytest.raises(RuntimeError, match="lacks"):
         place([PREDICT], [TEXT])
 
@@ -101,7 +101,7 @@ def _rollout(model, pack, latents, schedule=None, monkeypatch=None):
     from unibrain_hf.train.stages import unwrap_peft
 
     if schedule is not None:
-        monkeypatch.setattr(self_forcing, "common_schedule", lambda kinds, device: schedule(kinds))
+        monkeypatch.setattr(self_forcing, "common_schedule", schedule)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(1234)
     output = self_forcing_forward(unwrap_peft(model), pack, latents, lockstep=schedule is not None)

@@ -73,8 +73,16 @@ def place(own: Sequence[int], merged: Sequence[int]) -> list[bool]:
     return filled
 
 
-def _gather_sequences(kinds: Sequence[int], device) -> list[list[int]]:
+def _collective_device() -> torch.device:
+    """Where this process group's collectives take tensors: the CPU under gloo, the accelerator otherwise."""
+    if dist.get_backend() == "gloo" or not torch.accelerator.is_available():
+        return torch.device("cpu")
+    return torch.accelerator.current_accelerator()
+
+
+def _gather_sequences(kinds: Sequence[int]) -> list[list[int]]:
     """Every rank's ``kinds`` (non-negative ints), in rank order: two small collectives."""
+    device = _collective_device()
     length = torch.tensor([len(kinds)], dtype=torch.long, device=device)
     dist.all_reduce(length, op=dist.ReduceOp.MAX)
     if int(length.item()) == 0:
@@ -86,18 +94,17 @@ def _gather_sequences(kinds: Sequence[int], device) -> list[list[int]]:
     return [[k for k in g.tolist() if k >= 0] for g in gathered]
 
 
-def common_schedule(kinds: Sequence[int], device) -> list[tuple[int, bool]]:
+def common_schedule(kinds: Sequence[int]) -> list[tuple[int, bool]]:
     """The call kinds every rank runs for this pack, each with whether this rank's own next call fills it.
 
     All ranks must call this together (``kinds``: this rank's own calls in order, non-negative
-    ints; ``device``: where the collectives run, the accelerator under NCCL). In one process it
-    returns ``kinds`` unchanged, all filled.
+    ints). In one process it returns ``kinds`` unchanged, all filled.
     """
     if any(k < 0 for k in kinds):
         raise ValueError("call kinds must be non-negative integers")
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return [(int(k), True) for k in kinds]
-    sequences = _gather_sequences(kinds, device)
+    sequences = _gather_sequences(kinds)
     merged = merge_sequences(sequences)
     return list(zip(merged, place(sequences[dist.get_rank()], merged)))
 

@@ -157,7 +157,7 @@ def self_forcing_forward(model, batch, padded_latents: torch.Tensor | None, gene
     latent_width = config.patch_latent_dim
 
     calls = rollout_calls(batch)
-    schedule = common_schedule([call.kind for call in calls], device) if lockstep \
+    schedule = common_schedule([call.kind for call in calls]) if lockstep \
         else [(call.kind, True) for call in calls]
     own_calls = iter(calls)
     mse_rows, padding = [], []

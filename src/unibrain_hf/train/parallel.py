@@ -73,10 +73,6 @@ def plan_parallelism(accelerator, stage, config) -> Parallelism:
             raise ConfigError("the accelerate config asks for FSDP but the launch has 1 process: sharding needs at "
                               "least 2 (launch with --num_processes N, or use configs/accelerate/cpu_2proc.yaml / no "
                               "accelerate config for one process)")
-        if stage.data_dependent_calls:
-            raise ConfigError(f"stage {stage.name!r} runs the decoder a data-dependent number of times per pack, so "
-                              "FSDP ranks would issue different numbers of all-gathers; train it with DDP (e.g. "
-                              "configs/accelerate/cpu_2proc.yaml or a multi-GPU config) instead")
         return Parallelism(FSDP2, world, rank, via_accelerate=kind == DistributedType.FSDP)
     if kind == DistributedType.DEEPSPEED:
         zero = accelerator.state.deepspeed_plugin.zero_stage
@@ -90,8 +86,6 @@ def plan_parallelism(accelerator, stage, config) -> Parallelism:
         if config.train.packs_per_step != 1:
             raise ConfigError("train.packs_per_step > 1 is not supported under DeepSpeed (its engine counts "
                               "accumulation steps itself); use gradient_accumulation_steps in the DeepSpeed config")
-        if stage.data_dependent_calls:
-            raise ConfigError(f"stage {stage.name!r} cannot run under ZeRO-3 (data-dependent decoder calls per pack)")
         return Parallelism(ZERO3, world, rank)
     return Parallelism(REPLICATED, world, rank)
 
@@ -101,9 +95,10 @@ def _fully_shard_here(module, accelerator) -> None:
     """FSDP2 by hand (CPU/gloo): each configured layer class is a unit, the root holds the rest.
 
     Every rank must call the same units the same number of times per step (each call all-gathers
-    the unit's weights); the decoder layers run once per pack on every rank, whereas a rank whose
-    packs lost every ViT image to condition dropout never calls the vision tower, so the SigLIP
-    layers belong in the root unit (configs/accelerate/fsdp2.yaml wraps only UniBrainDecoderLayer).
+    the unit's weights); the decoder layers do (once per pack, or in stage 3 the rollout schedule
+    all ranks agree on, see .lockstep), whereas a rank whose packs lost every ViT image to
+    condition dropout never calls the vision tower, so the SigLIP layers belong in the root unit
+    (configs/accelerate/fsdp2.yaml wraps only UniBrainDecoderLayer).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -132,6 +127,12 @@ def prepare(accelerator, plan: Parallelism, module, make_optimizer, max_grad_nor
 
     from torch.distributed.fsdp import FSDPModule
 
+    from .stages import StageModule
+
+    if plan.sharding != REPLICATED and isinstance(module, StageModule):
+        # Each call of a sharded unit is a collective every rank must join: a stage whose decoder
+        # calls depend on the pack (self-forcing) must make the same calls on every rank (.lockstep).
+        module.lockstep = module.stage.data_dependent_calls
     if plan.sharding == REPLICATED:
         prepared = accelerator.prepare_model(module)
         return prepared, accelerator.prepare_optimizer(make_optimizer(trainable(module)))

@@ -38,25 +38,20 @@ def unwrap_peft(model):
 def set_expert_freeze(model, und: bool = False, gen: bool = False) -> None:
     """Gradient-stop the understanding / generation expert's hidden states during training.
 
-    The one place the flags are set. Models that hold them on their modules expose
-    ``freeze_experts``; older ones read ``config.freeze_und`` / ``config.freeze_gen``, and an
+    The one place the flags are set (on the model's decoder, through ``freeze_experts``); an
     exported model gets both reset here before it is saved, so the flags never ship.
     """
-    base = unwrap_peft(model)
-    if hasattr(base, "freeze_experts"):
-        base.freeze_experts(und=und, gen=gen)
-    else:
-        base.config.freeze_und, base.config.freeze_gen = und, gen
+    unwrap_peft(model).freeze_experts(und=und, gen=gen)
 
 
-def _packed_forward(model, batch, padded_latents):
-    return model(**batch.model_inputs(padded_latents))
+def _packed_forward(model, batch, padded_latents, lockstep: bool = False):
+    return model(**batch.model_inputs(padded_latents))  # one decoder call per pack: the same on every rank
 
 
-def _self_forcing_forward(model, batch, padded_latents):
+def _self_forcing_forward(model, batch, padded_latents, lockstep: bool = False):
     from .self_forcing import self_forcing_forward
 
-    return self_forcing_forward(unwrap_peft(model), batch, padded_latents)
+    return self_forcing_forward(unwrap_peft(model), batch, padded_latents, lockstep=lockstep)
 
 
 @dataclass(frozen=True)
@@ -66,10 +61,11 @@ class Stage:
     trainable: Callable[[str], bool]  # parameter name (without a peft prefix) → learns in this stage
     freeze_und: bool
     freeze_gen: bool
-    forward: Callable  # (model, PackedBatch, padded_latents) → UniBrainOutput
+    forward: Callable  # (model, PackedBatch, padded_latents, lockstep=False) → UniBrainOutput
     # The forward calls the decoder layers a data-dependent number of times per pack. Parameter
-    # sharding (FSDP2, ZeRO-3) gathers layer weights with one collective per call, so ranks
-    # holding different packs would issue different numbers of collectives.
+    # sharding (FSDP2, ZeRO-3) gathers layer weights with one collective per call, so under
+    # sharding such a forward runs with lockstep=True: the ranks agree on one sequence of calls
+    # and pad theirs with calls that add exactly zero (see .self_forcing).
     data_dependent_calls: bool = False
 
     def is_trainable(self, name: str) -> bool:
@@ -97,15 +93,20 @@ STAGES: dict[str, Stage] = {
 
 
 class StageModule(nn.Module):
-    """The model plus its stage's forward, as one module for DDP / FSDP2 / DeepSpeed to wrap."""
+    """The model plus its stage's forward, as one module for DDP / FSDP2 / DeepSpeed to wrap.
+
+    ``lockstep`` is set by :func:`~unibrain_hf.train.parallel.prepare` when the parameters are
+    sharded: every rank must then make the same sequence of decoder calls.
+    """
 
     def __init__(self, model: nn.Module, stage: Stage):
         super().__init__()
         self.model = model
         self.stage = stage
+        self.lockstep = False
 
     def forward(self, batch, padded_latents):
-        return self.stage.forward(self.model, batch, padded_latents)
+        return self.stage.forward(self.model, batch, padded_latents, lockstep=self.lockstep)
 
 
 def configure_stage(model, stage: str) -> list[str]:

@@ -856,17 +856,17 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
     @staticmethod
     def _cache_attention(cache: UniBrainKVCache, causal: bool, update_cache: bool):
         """``attend`` for a block of new tokens against ``cache``; returns it and the cache to fill."""
+        # The returned cache is a new view (the argument stays valid: snapshots and decoding copies
+        # rely on it); appending writes only the block's tokens (see modeling/cache.py).
         new_cache = cache.copy() if update_cache else cache
 
         def attend(layer, q, k, v):
-            past_k, past_v = cache.layer(layer.layer_idx)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, L, d)
-            if past_k is not None:
-                k = torch.cat([past_k.to(k.device), k.to(past_k.dtype)], dim=2)
-                v = torch.cat([past_v.to(v.device), v.to(past_v.dtype)], dim=2)
             if update_cache:
-                new_cache.set_layer(layer.layer_idx, k, v)
-            return cached_attention(layer, q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), causal)
+                k, v = new_cache.append(layer.layer_idx, k, v)
+            else:
+                k, v = cache.extended(layer.layer_idx, k, v)
+            return cached_attention(layer, q.transpose(1, 2), k.to(q), v.to(q), causal)
 
         return attend, new_cache
 

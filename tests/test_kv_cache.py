@@ -214,3 +214,55 @@ def test_pipeline_outputs_equal_with_the_concatenating_cache(converted_fixture):
         assert np.array_equal(np.asarray(ours.images[code][0]), np.asarray(theirs.images[code][0]))
     assert ours.impression == theirs.impression and ours.diagnosis == theirs.diagnosis
     assert ours.thinking == theirs.thinking
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_guidance_branches_in_one_call_match_separate_calls(batch):
+    model = tiny_model()
+    config = model.config
+    generator = torch.Generator().manual_seed(1)
+    text = torch.tensor([[config.bos_token_id, 5, 6, 7, config.eos_token_id]]).expand(batch, -1)
+    latents = torch.randn(batch, 6, config.patch_latent_dim, generator=generator)
+    noisy = torch.randn(batch, 6, config.patch_latent_dim, generator=generator)
+    positions = torch.arange(6)
+    gen = model.prefill_text_cached(model.new_cache(), text, 0)
+    cfg_img = model.prefill_text_cached(model.new_cache(), text[:, :3], 0)  # a separate, shorter context
+    cfg_text = gen.copy()
+    gen = model.prefill_latents_cached(gen, latents, positions, 5)
+    gen = model.prefill_text_cached(gen, text, 6)
+    caches, ropes = [gen, cfg_text, cfg_img], [11, 5, 3]
+    lengths = [c.length for c in caches]
+    separate = [model.velocity_cached(c, noisy, 0.3, positions, r) for c, r in zip(caches, ropes)]
+    together = model.velocities_cached(caches, noisy, 0.3, positions, ropes)
+    assert [c.length for c in caches] == lengths  # read-only
+    for a, b in zip(separate, together):
+        assert a.shape == b.shape == (batch, 6, config.patch_latent_dim)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(together[0], together[1])  # each branch saw its own context
+    with pytest.raises(ValueError, match="RoPE positions"):
+        model(phase="velocity", cache=tuple(caches), position=(11, 5), latent_tokens=noisy,
+              latent_position_ids=positions, timesteps=torch.tensor([0.3]))
+
+
+def test_pipeline_branch_batching_matches_one_call_per_branch(converted_fixture, monkeypatch):
+    from tiny_pipeline import mri_slice, tiny_pipeline
+    from unibrain_hf.pipelines.context import InterleavedContext
+
+    pipe = tiny_pipeline(converted_fixture / "tokenizer")
+    calls = []
+    original = pipe.model.forward
+    monkeypatch.setattr(pipe.model, "forward", lambda *a, **k: calls.append(k.get("phase")) or original(*a, **k))
+
+    def run():
+        calls.clear()
+        out = pipe(images={"t1n": mri_slice()}, target_modalities=["t2w"], task="generation", num_grid_points=6,
+                   output_type="latent", generator=torch.Generator().manual_seed(0))
+        return out.images["t2w"][0], calls.count("velocity")
+
+    batched, batched_calls = run()
+    original_init = InterleavedContext.__init__
+    monkeypatch.setattr(InterleavedContext, "__init__",
+                        lambda self, *a, **k: original_init(self, *a, **{**k, "batch_branches": False}))
+    separate, separate_calls = run()
+    assert batched_calls == 5 and separate_calls > batched_calls  # one call per step instead of one per branch
+    torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-5)

@@ -55,14 +55,11 @@ def _text_ids(pipe, image, prompt, max_length=33):
     return context.generate_text(max_length)[0].tolist()
 
 
-def compare(pipe, call: dict, text=None) -> dict:
-    results = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        state = pipe.enable_fast_inference(dtype=dtype, device="cpu")
-        if state.dtype != dtype:
-            raise SystemExit(f"cannot run {dtype} here: {state.notes}")
-        results[dtype] = {"run": _run(pipe, call), "ids": None if text is None else _text_ids(pipe, *text)}
-    fp32, bf16 = results[torch.float32], results[torch.bfloat16]
+VARIANTS = {"bf16": dict(dtype=torch.bfloat16, vae_dtype=torch.float32),
+            "bf16 + VAE bf16": dict(dtype=torch.bfloat16, vae_dtype=torch.bfloat16)}
+
+
+def _rows_against(fp32: dict, other: dict, call: dict) -> dict:
     row = {"images": {}, "v_cond_rel_l2": {}}
 
     def by_target(images):  # a single target given as a string comes back as a plain batch
@@ -70,22 +67,34 @@ def compare(pipe, call: dict, text=None) -> dict:
 
     for code, images in by_target(fp32["run"]["out"].images).items():
         a = np.asarray(images[0], dtype=np.int16)
-        b = np.asarray(by_target(bf16["run"]["out"].images)[code][0], dtype=np.int16)
+        b = np.asarray(by_target(other["run"]["out"].images)[code][0], dtype=np.int16)
         row["images"][code] = {"max": int(np.abs(a - b).max()), "mean": round(float(np.abs(a - b).mean()), 3)}
-        va, vb = fp32["run"]["v_cond"][code], bf16["run"]["v_cond"][code]
+        va, vb = fp32["run"]["v_cond"][code], other["run"]["v_cond"][code]
         row["v_cond_rel_l2"][code] = float((va - vb).norm() / va.norm())
     texts = {}
     for name in ("thinking", "impression", "diagnosis"):
-        value_a, value_b = getattr(fp32["run"]["out"], name), getattr(bf16["run"]["out"], name)
+        value_a, value_b = getattr(fp32["run"]["out"], name), getattr(other["run"]["out"], name)
         if name == "thinking" and isinstance(value_a, dict):
             for code in value_a:
-                texts[f"think {code}"] = _ids_agreement(pipe.tokenize(value_a[code][0]), pipe.tokenize(value_b[code][0]))
+                texts[f"think {code}"] = _ids_agreement(fp32["tok"](value_a[code][0]), fp32["tok"](value_b[code][0]))
         elif value_a and name != "thinking":
-            texts[name] = _ids_agreement(pipe.tokenize(value_a[0]), pipe.tokenize(value_b[0]))
-    if text is not None:
-        texts["greedy ids"] = _ids_agreement(fp32["ids"], bf16["ids"])
+            texts[name] = _ids_agreement(fp32["tok"](value_a[0]), fp32["tok"](value_b[0]))
+    if fp32["ids"] is not None:
+        texts["greedy ids"] = _ids_agreement(fp32["ids"], other["ids"])
     row["text_ids_agree"] = texts
     return row
+
+
+def compare(pipe, call: dict, text=None) -> dict:
+    """Each variant of VARIANTS against float32 (model and VAE)."""
+    results = {}
+    for name, dtypes in {"fp32": dict(dtype=torch.float32, vae_dtype=torch.float32), **VARIANTS}.items():
+        state = pipe.enable_fast_inference(**dtypes, device="cpu")
+        if state.notes:
+            raise SystemExit(f"cannot run {name} here: {state.notes}")
+        results[name] = {"run": _run(pipe, call), "ids": None if text is None else _text_ids(pipe, *text),
+                         "tok": pipe.tokenize}
+    return {name: _rows_against(results["fp32"], results[name], call) for name in VARIANTS}
 
 
 def fixture_workload(name: str, workdir: str) -> dict:
@@ -134,10 +143,12 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     rows = {}
     with tempfile.TemporaryDirectory() as workdir:
-        for name in ("bagel_tiny", "bagel_tiny_b"):
-            rows[f"fixture {name}"] = fixture_workload(name, workdir)
-        rows["bench unified"] = bench_workload(args, workdir)
-    print("| workload | uint8 |Δ| max / mean per image | first v_cond rel. L2 | greedy text ids equal before the first difference |")
+        workloads = {f"fixture {name}": fixture_workload(name, workdir) for name in ("bagel_tiny", "bagel_tiny_b")}
+        workloads["bench unified"] = bench_workload(args, workdir)
+    for workload, variants in workloads.items():
+        for variant, row in variants.items():
+            rows[f"{workload}, {variant}"] = row
+    print("| workload, variant | uint8 |Δ| max / mean per image | first v_cond rel. L2 | text ids equal before the first difference |")
     print("|---|---|---|---|")
     for name, row in rows.items():
         images = ", ".join(f"{c}: {v['max']} / {v['mean']}" for c, v in row["images"].items())

@@ -200,8 +200,11 @@ def _load_for_run(args, workdir: str):
     else:
         convert_bagel_checkpoint(args.fixture, f"{workdir}/converted")
         pipe = build_pipeline(f"{workdir}/converted/tokenizer")
-    if args.dtype == "bfloat16":
-        pipe.model.to(torch.bfloat16)
+    if args.dtype != "float32":
+        state = pipe.enable_fast_inference(dtype=torch.bfloat16, vae_dtype=torch.bfloat16 if args.dtype ==
+                                           "bfloat16+vae" else None, device="cpu")
+        if state.notes:
+            raise SystemExit(f"--dtype {args.dtype}: {state.notes}")
     return pipe
 
 
@@ -294,9 +297,9 @@ def side_by_side(args) -> list[dict]:
                 ours = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(threads),
                         "--max-new-tokens", str(args.max_new_tokens), "--bagel-dir", bagel_dir,
                         "--dtype", args.dtype]
+                # The reference always runs float32 (its bf16 casts aliased away); --dtype is ours only.
                 reference = [args.reference_python, str(here / "reference_unified.py"), "--reference-repo",
-                             args.reference_repo, "--bagel-dir", bagel_dir, "--spec", str(spec_path),
-                             "--dtype", args.dtype]
+                             args.reference_repo, "--bagel-dir", bagel_dir, "--spec", str(spec_path)]
                 order = [("ours", ours), ("reference", reference)]
                 if round_index % 2:
                     order.reverse()
@@ -340,8 +343,9 @@ def main(argv=None) -> None:
                         help="BAGEL fixture (tokenizer)")
     parser.add_argument("--bagel-dir", help="benchmark the weights of this BAGEL-format directory (converted "
                                             "first) instead of the random model")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="model weights' dtype (latents, the Euler update and the VAE stay float32)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "bfloat16+vae"), default="float32",
+                        help="ours: model weights' dtype; bfloat16+vae also runs the VAE in bf16 (latents and the "
+                             "Euler update stay float32). The reference always runs float32")
     parser.add_argument("--reference-repo", help="a checkout of the reference repository: run it side by side")
     parser.add_argument("--reference-python", help="the reference environment's interpreter")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds (side by side)")

@@ -1,7 +1,7 @@
 """Opt-in inference speed-ups for ``UniBrainPipeline``, each checked on this machine with a safe fallback.
 
-* **bf16 weights** (``dtype=torch.bfloat16``): the MoT decoder, ViT and adapters run in bf16 (the VAE,
-  the latents and the Euler update stay float32). On a CPU this pays only with native bf16 matmuls
+* **bf16 weights** (``dtype=torch.bfloat16``): the MoT decoder, ViT and adapters run in bf16 (the
+  latents and the Euler update stay float32; the VAE too unless ``vae_dtype=torch.bfloat16``). On a CPU this pays only with native bf16 matmuls
   (AVX512-BF16 or AMX); without them bf16 is emulated and slower than float32, so the request falls
   back to float32 with a warning that says why. On a GPU without bf16 (pre-Ampere) likewise.
   Outputs drift from float32; the measured drift is in docs/PIPELINE.md ("bf16 inference").
@@ -72,6 +72,18 @@ def compile_unavailable_reason() -> str | None:
     return None
 
 
+def _checked_dtype(name: str, value) -> torch.dtype:
+    if isinstance(value, str):
+        names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+        if value not in names:
+            raise InvalidInputError(f"{name} must be one of {sorted(names)} or a torch dtype; got {value!r}")
+        value = names[value]
+    if value not in _SUPPORTED_DTYPES:
+        raise InvalidInputError(f"{name} must be torch.float32 or torch.bfloat16 for fast inference; got {value} "
+                                f"(fp16 inference: load with from_pretrained(dtype=torch.float16) on a GPU)")
+    return value
+
+
 def _has_offload_hooks(model) -> bool:
     return any(hasattr(module, "_hf_hook") or getattr(module, "_diffusers_hook", None) is not None
                for module in model.modules())
@@ -88,6 +100,7 @@ class FastInferenceState:
     """What :meth:`FastInferenceMixin.enable_fast_inference` put in effect, and why anything fell back."""
 
     dtype: torch.dtype = torch.float32
+    vae_dtype: torch.dtype = torch.float32
     compiled: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -96,34 +109,30 @@ class FastInferenceMixin:
     """``enable_fast_inference`` / ``disable_compile`` for a pipeline holding ``model`` (a UniBrain model)."""
 
     def enable_fast_inference(self, dtype: torch.dtype | str | None = None, compile: bool = False,
-                              device=None) -> FastInferenceState:
+                              vae_dtype: torch.dtype | str | None = None, device=None) -> FastInferenceState:
         """Run the model in ``dtype`` (float32 or bfloat16) and/or compile its experts; never silently wrong.
 
-        ``device`` is where inference will run (default: the pipeline's execution device). A request
-        this machine cannot serve well falls back (float32, eager) with a logged warning; the returned
+        ``vae_dtype`` also switches the VAE (default: left as it is, float32 after a float32 load; a
+        bf16 VAE roughly halves its CPU time and adds drift, see docs/PIPELINE.md). ``device`` is where
+        inference will run (default: the pipeline's execution device). A request this machine cannot
+        serve well falls back (float32, eager) with a logged warning; the returned
         :class:`FastInferenceState` says what is in effect and why.
         """
-        state = FastInferenceState(dtype=self.model.dtype)
+        state = FastInferenceState(dtype=self.model.dtype, vae_dtype=self.vae.dtype)
         device = torch.device(device) if device is not None else self._execution_device
-        if dtype is not None:
-            if isinstance(dtype, str):
-                names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-                         "float32": torch.float32}
-                if dtype not in names:
-                    raise InvalidInputError(f"dtype must be one of {sorted(names)} or a torch dtype; got {dtype!r}")
-                dtype = names[dtype]
-            if dtype not in _SUPPORTED_DTYPES:
-                raise InvalidInputError(f"dtype must be torch.float32 or torch.bfloat16 for fast inference; got "
-                                        f"{dtype} (fp16 inference: load with from_pretrained(dtype=torch.float16) on "
-                                        f"a GPU)")
-            reason = bf16_fallback_reason(device) if dtype == torch.bfloat16 else None
+        for name, requested in (("dtype", dtype), ("vae_dtype", vae_dtype)):
+            if requested is None:
+                continue
+            requested = _checked_dtype(name, requested)
+            reason = bf16_fallback_reason(device) if requested == torch.bfloat16 else None
             if reason is not None:
-                dtype = torch.float32
-                state.notes.append(f"bf16 requested but {reason}: running in float32")
+                requested = torch.float32
+                state.notes.append(f"{name}=bf16 requested but {reason}: running in float32")
                 logger.warning(state.notes[-1])
-            if self.model.dtype != dtype:
-                self.model.to(dtype)
-            state.dtype = self.model.dtype
+            module = self.model if name == "dtype" else self.vae
+            if module.dtype != requested:
+                module.to(requested)
+        state.dtype, state.vae_dtype = self.model.dtype, self.vae.dtype
         if compile:
             reason = ("offload hooks are attached to the model (compile before enabling offload)"
                       if _has_offload_hooks(self.model) else compile_unavailable_reason())

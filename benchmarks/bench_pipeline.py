@@ -2,25 +2,37 @@
 
 Workload: a small but realistically shaped random model (MoT decoder hidden 512, 4 layers,
 8 query / 2 KV heads, intermediate 1376; SigLIP hidden 256, 4 layers; FLUX-shaped VAE with 64
-base channels), 128×128 slices, 10 sampler grid points (9 Euler steps), both guidance branches
-on (text 3, image 1.2, interval [0.4, 1], text_channel), thinking before every image. Random
-weights never emit ``<|im_end|>``, so every text runs to ``--max-new-tokens`` decode steps (most
-ids drawn fall outside the small test tokenizer and decode to nothing, so the text that re-enters
-the context is much shorter than the budget). After a short warm-up, runs k = 1, 2, 3 targets in
-one process and reports wall time, time per target, the denoising time of each target (the rest
-is text, VAE decode/re-encode, ViT and prefill), the peak RSS of each run (``VmHWM``, reset after
-setup and before each run; Linux) and the peak RSS of the setup. ``--json`` also records the
-context lengths each image is denoised against and the token counts of the generated texts.
+base channels), a seeded 128×128 uint8 input slice, 10 sampler grid points (9 Euler steps), both
+guidance branches on (text 3, image 1.2, interval [0.4, 1], text_channel), thinking before every
+image. Random weights never emit ``<|im_end|>``, so every text runs to ``--max-new-tokens`` decode
+steps (most ids drawn fall outside the small test tokenizer and decode to nothing, so the text that
+re-enters the context is much shorter than the budget). After a short warm-up, runs k = 1, 2, 3
+targets in one process and reports wall and CPU time (``time.process_time``: robust on a shared
+machine), the time of each part (text decoding, denoising, VAE decoding, image and text prefills),
+the peak RSS of each run (``VmHWM``, reset after setup and before each run; Linux) and the
+context lengths each image is denoised against.
 
 Run from the repository root (under half a minute on an idle 2-core machine):
 
-    python benchmarks/bench_pipeline.py --threads 2 --max-new-tokens 32
+    python benchmarks/bench_pipeline.py --threads 1 2 --max-new-tokens 32 [--dtype bfloat16]
+
+Side by side with the reference (``zhiyuns/UniBrain``, the BAGEL fork UniBrain ships), on identical
+weights, each configuration a fresh process, ours and the reference interleaved per thread count
+and round (the order alternates between rounds), the load average recorded around every run:
+
+    python benchmarks/bench_pipeline.py --reference-repo REF_CHECKOUT --reference-python REF_VENV/bin/python \
+        --threads 1 2 --max-new-tokens 32 --repeats 3 --json sbs.json
+
+``REF_CHECKOUT`` is a plain checkout of the reference repository and ``REF_VENV`` a virtualenv
+with torch (CPU), transformers 4.49, einops, safetensors, pillow, numpy; the driver
+``benchmarks/reference_unified.py`` runs it unmodified (its docstring lists the CPU stand-ins). It
+first writes the reference's randomly initialised model as a BAGEL-format directory, which ours
+converts (``--bagel-dir DIR`` reuses one). ``--dtype`` applies to ours only; the reference runs float32.
 
 The tokenizer is converted from the BAGEL fixture (``--fixture``) into a temporary directory.
-``--bagel-dir DIR`` instead converts a BAGEL-format directory of the same sizes (configs,
+``--bagel-dir DIR`` converts a BAGEL-format directory of the same sizes (configs,
 ``ema.safetensors``, ``ae.safetensors``, tokenizer; its ``model_config.json`` sets the image sizes,
-here 128 for the VAE and 126 for the ViT) and benchmarks its weights, e.g. to run the very weights
-the reference implementation is timed with.
+here 128 for the VAE and 126 for the ViT) and benchmarks its weights.
 """
 
 from __future__ import annotations
@@ -241,7 +253,7 @@ def print_ours(run: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 def _loadavg() -> str:
     try:
-        return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "n/a"
 

@@ -747,8 +747,9 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
         RoPE position of the block): ``prefill_text`` (``input_ids`` (B, L), positions ``position…``),
         ``prefill_vit`` (``vit_pixel_patches``, ``vit_position_ids``, ``vit_seqlens``), ``prefill_latents``
         (``latent_tokens`` (B, N, p·p·C), ``latent_position_ids`` (N,)), ``velocity`` (the same plus
-        ``timesteps``; reads the cache, never writes it) and ``decode`` (``input_ids`` (B,)). Returns a
-        :class:`UniBrainCachedOutput`.
+        ``timesteps``; reads the cache, never writes it; ``cache`` may be a tuple of n caches with
+        ``position`` a tuple of n positions: the guidance branches in one call, velocities (n·B, N, p·p·C))
+        and ``decode`` (``input_ids`` (B,)). Returns a :class:`UniBrainCachedOutput`.
         """
         if phase is not None:
             return self._run_phase(phase, cache, position, input_ids=input_ids, vit_pixel_patches=vit_pixel_patches,

@@ -7,9 +7,11 @@ UniBrain's inference keeps three contexts side by side (BAGEL's ``interleave_inf
   recent instruction (and refreshed after every image), so it lacks the last prompt.
 * ``cfg_img`` — the image-unconditional twin: the text only (system prompt + instructions).
 
-Each context is a KV cache plus the next free RoPE position. Caches are immutable-append, so
-a snapshot is a shallow copy. Every append runs once for a batch of B rows that share lengths
-(e.g. B slices of one volume under one prompt). Denoising queries never write a cache. Every
+Each context is a KV cache plus the next free RoPE position. A snapshot is a new view on the same
+cache buffers (no copy); appends write in place and copy only where two contexts diverge from a
+shared prefix (see :mod:`unibrain_hf.modeling.cache`). Every append runs once for a batch of B rows
+that share lengths (e.g. B slices of one volume under one prompt). Denoising queries never write a
+cache; a step's guidance branches run as one model call (attention per context). Every
 tensor the context creates (token ids, sampling state) lives on its ``device`` — the
 pipeline's execution device, which under offloading differs from where the weights rest.
 
@@ -138,7 +140,7 @@ class InterleavedContext:
         self.cfg_img = self.gen.snapshot()
 
     def fork(self) -> "InterleavedContext":
-        """A free copy (caches are immutable-append): e.g. ask a question without keeping it."""
+        """A free copy (snapshots share cache buffers): e.g. ask a question without keeping it."""
         clone = InterleavedContext.__new__(InterleavedContext)
         clone.model, clone.bos_token_id, clone.eos_token_id = self.model, self.bos_token_id, self.eos_token_id
         clone.batch_size, clone.device, clone.batch_branches = self.batch_size, self.device, self.batch_branches

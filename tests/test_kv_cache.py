@@ -111,6 +111,7 @@ def _block(length, value=0.0, batch=1):
     return keys.contiguous(), -keys.contiguous()
 
 
+@torch.no_grad()
 def test_snapshots_see_their_own_prefix_and_diverge_by_copy_on_write():
     cache = UniBrainKVCache(1)
     cache.append(0, *_block(5))
@@ -128,6 +129,7 @@ def test_snapshots_see_their_own_prefix_and_diverge_by_copy_on_write():
     assert keys.shape[2] == 9 and torch.equal(cache.layer(0)[0], before)
 
 
+@torch.no_grad()
 def test_dropped_views_stop_blocking_in_place_writes():
     cache = UniBrainKVCache(1)
     cache.append(0, *_block(4))
@@ -141,6 +143,7 @@ def test_dropped_views_stop_blocking_in_place_writes():
     assert cache.layer(0)[0][0, 0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 50.0, 51.0]
 
 
+@torch.no_grad()
 def test_growth_beyond_capacity_copies_linearly_not_quadratically():
     steps = 3 * CAPACITY_QUANTUM + 7
     cache, concat = UniBrainKVCache(2), ConcatKVCache(2)
@@ -176,6 +179,20 @@ def test_decoding_writes_only_new_tokens():
     assert cache.bytes_copied == copied  # 131 tokens fit the first buffer: no cache copy at all
 
 
+def test_with_grad_enabled_nothing_is_written_in_place():
+    cache = UniBrainKVCache(1)
+    with torch.no_grad():
+        cache.append(0, *_block(4))
+    view_before = cache.layer(0)[0]
+    storage, version = view_before.data_ptr(), view_before._version
+    grown = cache.copy()
+    grown.append(0, *_block(2, 10))  # grad mode: a new tensor, the buffer untouched
+    assert grown.layer(0)[0].data_ptr() != storage and grown.length == 6
+    keys, _ = cache.extended(0, *_block(1, 20))
+    assert keys.data_ptr() != storage and cache.length == 4
+    assert view_before._version == version  # the buffer was not modified in place
+
+
 def test_backward_through_a_query_while_the_cache_keeps_growing():
     """Self-forcing's pattern: a grad-tracking query, then no-grad appends, then backward."""
     model = tiny_model().train()
@@ -200,20 +217,21 @@ def test_backward_through_a_query_while_the_cache_keeps_growing():
 def test_pipeline_outputs_equal_with_the_concatenating_cache(converted_fixture):
     from tiny_pipeline import mri_slice, tiny_pipeline
 
-    def run(pipe):
-        out = pipe(images={"t1n": mri_slice()}, target_modalities=["t2w", "t1c"], task="unified",
-                   num_grid_points=4, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
-        return out
+    def run(pipe, task):  # unified: snapshots and decoding copies; generation: a fork per target
+        return pipe(images={"t1n": mri_slice()}, target_modalities=["t2w", "t1c"], task=task, think=True,
+                    num_grid_points=4, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
 
     pipe = tiny_pipeline(converted_fixture / "tokenizer")
-    ours = run(pipe)
+    ours = {task: run(pipe, task) for task in ("unified", "generation")}
     layers = pipe.model.config.text_config.num_hidden_layers
     pipe.model.new_cache = lambda: ConcatKVCache(layers)
-    theirs = run(pipe)
-    for code in ("t2w", "t1c"):
-        assert np.array_equal(np.asarray(ours.images[code][0]), np.asarray(theirs.images[code][0]))
-    assert ours.impression == theirs.impression and ours.diagnosis == theirs.diagnosis
-    assert ours.thinking == theirs.thinking
+    theirs = {task: run(pipe, task) for task in ("unified", "generation")}
+    for task in ("unified", "generation"):
+        for code in ("t2w", "t1c"):
+            assert np.array_equal(np.asarray(ours[task].images[code][0]), np.asarray(theirs[task].images[code][0]))
+        assert ours[task].thinking == theirs[task].thinking
+    assert ours["unified"].impression == theirs["unified"].impression
+    assert ours["unified"].diagnosis == theirs["unified"].diagnosis
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -17,9 +17,9 @@ its own (copy-on-write). Views are tracked by weak references: a view that nobod
 scratch space, which is where a read-only query block (a denoising step) is written, so that
 attention reads one contiguous key range without concatenating.
 
-Under autograd (a block whose keys require grad while grad is enabled, e.g. training's
-self-forcing rollout) nothing is written in place: the cache then appends and queries by
-concatenation, so no tensor saved for backward is ever modified. transformers' ``StaticCache``
+With grad enabled (training's self-forcing rollout queries with gradients) nothing is written in
+place: the cache then appends and queries by concatenation, so no tensor saved for backward is ever
+modified; the inference primitives run under ``torch.no_grad``. transformers' ``StaticCache``
 preallocates too, but for one sequence per cache without shared prefixes; ``DynamicCache``
 appends by concatenation — hence this small class.
 
@@ -67,8 +67,11 @@ class _Buffer:
         return not self.keys.is_inference() or torch.is_inference_mode_enabled()
 
 
-def _tracks_gradient(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _tracks_gradient() -> bool:
+    # With grad enabled, attention may save a view of the buffer for backward (queries that require
+    # grad against keys that do not, e.g. an adapter on q_proj only); a later in-place append would
+    # then invalidate it. So under grad mode nothing is written in place.
+    return torch.is_grad_enabled()
 
 
 class UniBrainKVCache:
@@ -201,7 +204,7 @@ class UniBrainKVCache:
         buffer = self._buffers[index]
         if buffer is not None:
             keys, values = keys.to(buffer.keys), values.to(buffer.values)
-        if _tracks_gradient(keys, values, *self.layer(index)):
+        if _tracks_gradient():
             past_keys, past_values = self.layer(index)
             if past_keys is not None:
                 self._count_copy((past_keys, past_values))
@@ -228,7 +231,7 @@ class UniBrainKVCache:
             return keys, values
         keys, values = keys.to(buffer.keys), values.to(buffer.values)
         count = keys.shape[2]
-        if (_tracks_gradient(keys, values, buffer.keys, buffer.values) or length + count > buffer.capacity
+        if (_tracks_gradient() or length + count > buffer.capacity
                 or not self._may_write_after_end(index)):
             past_keys, past_values = self.layer(index)
             self._count_copy((past_keys, past_values))

@@ -930,8 +930,9 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
         group = cache if isinstance(cache, (tuple, list)) else (cache,)
         for member in group:
             if member.length and member.batch_size * len(group) != batch:
+                per_cache = "" if len(group) == 1 else " per cache"
                 raise ValueError(f"cache holds batch size {member.batch_size} but the block has "
-                                 f"{batch // len(group)} per cache")
+                                 f"{batch // len(group)}{per_cache}")
         attend, new_cache = self._cache_attention(cache, causal, update_cache)
         return self.language_model(position_ids, attend, **rows), new_cache
 

@@ -132,6 +132,9 @@ class FastInferenceMixin:
             module = self.model if name == "dtype" else self.vae
             if module.dtype != requested:
                 module.to(requested)
+                if module is self.model:  # as from_pretrained(dtype=...) does: these stay float32
+                    for kept in getattr(module, "_keep_in_fp32_modules_strict", None) or ():
+                        getattr(module, kept).to(torch.float32)
         state.dtype, state.vae_dtype = self.model.dtype, self.vae.dtype
         if compile:
             reason = ("offload hooks are attached to the model (compile before enabling offload)"

@@ -79,7 +79,8 @@ def test_expert_offload_accounting_per_phase(converted_fixture, reference):
     wanted = [RESIDENT_EXPERT[p] for p in phases if RESIDENT_EXPERT.get(p)]
     changes = sum(1 for before, after in zip(["und"] + wanted, wanted) if before != after)
     assert offload.swaps == changes
-    assert phases.count("velocity") > 2 * offload.swaps
+    # One velocity call per denoising step (a step's guidance branches share it): more steps than swaps.
+    assert phases.count("velocity") > offload.swaps
 
 
 def test_expert_offload_bf16_matches_plain_bf16(converted_fixture):

@@ -192,6 +192,8 @@ def cached_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     implementation = module.config._attn_implementation or "sdpa"
     if implementation == "flex_attention":
         implementation = "sdpa"  # decoding/prefill has no structure flex would exploit
+    if implementation == "sdpa":
+        return _grouped_sdpa(module, query, key, value, mask)
     attention = eager_attention_forward if implementation == "eager" else \
         ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     if implementation.startswith("flash_attention"):
@@ -200,3 +202,22 @@ def cached_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     else:
         out, _ = attention(module, query, key, value, mask, dropout=0.0, scaling=module.scaling, is_causal=False)
     return out.reshape(batch, q_len, num_heads * head_dim)
+
+
+def _grouped_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA of (B, H, Lq, d) queries over (B, H_kv, Lk, d) keys without repeating the keys per head.
+
+    The G = H / H_kv query heads sharing a key head are stacked as G·Lq rows of that head, so the
+    cache is read as it is (no ``repeat_kv`` copy of the whole cache per layer per step, which is
+    what transformers' SDPA path does when a mask is given); the (Lq, Lk) mask is tiled G times.
+    Every query row is independent, so the result is the per-head attention.
+    """
+    batch, num_heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    groups = num_heads // kv_heads
+    rows = query.reshape(batch, kv_heads, groups * q_len, head_dim)
+    if mask is not None and groups > 1:
+        mask = mask.expand(*mask.shape[:-2], q_len, mask.shape[-1]).repeat(1, 1, groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=module.scaling)
+    return out.reshape(batch, num_heads, q_len, head_dim).transpose(1, 2).reshape(batch, q_len, num_heads * head_dim)

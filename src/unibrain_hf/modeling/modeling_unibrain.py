@@ -747,8 +747,9 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
         RoPE position of the block): ``prefill_text`` (``input_ids`` (B, L), positions ``position…``),
         ``prefill_vit`` (``vit_pixel_patches``, ``vit_position_ids``, ``vit_seqlens``), ``prefill_latents``
         (``latent_tokens`` (B, N, p·p·C), ``latent_position_ids`` (N,)), ``velocity`` (the same plus
-        ``timesteps``; reads the cache, never writes it) and ``decode`` (``input_ids`` (B,)). Returns a
-        :class:`UniBrainCachedOutput`.
+        ``timesteps``; reads the cache, never writes it; ``cache`` may be a tuple of n caches with
+        ``position`` a tuple of n positions: the guidance branches in one call, velocities (n·B, N, p·p·C))
+        and ``decode`` (``input_ids`` (B,)). Returns a :class:`UniBrainCachedOutput`.
         """
         if phase is not None:
             return self._run_phase(phase, cache, position, input_ids=input_ids, vit_pixel_patches=vit_pixel_patches,
@@ -854,19 +855,39 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
         return UniBrainKVCache(self.config.text_config.num_hidden_layers)
 
     @staticmethod
-    def _cache_attention(cache: UniBrainKVCache, causal: bool, update_cache: bool):
-        """``attend`` for a block of new tokens against ``cache``; returns it and the cache to fill."""
+    def _cache_attention(cache, causal: bool, update_cache: bool):
+        """``attend`` for a block of new tokens against ``cache``; returns it and the cache to fill.
+
+        ``cache`` may be a tuple of caches (read-only): the block's rows are then that many equal
+        groups, group i attending to cache i — several guidance branches in one model call.
+        """
+        if isinstance(cache, (tuple, list)):
+            if update_cache:
+                raise ValueError("a group of caches can only be queried (update_cache=False)")
+            caches = tuple(cache)
+
+            def attend_group(layer, q, k, v):
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+                rows = q.shape[0] // len(caches)
+                outputs = []
+                for index, member in enumerate(caches):
+                    part = slice(index * rows, (index + 1) * rows)
+                    keys, values = member.extended(layer.layer_idx, k[part], v[part])
+                    outputs.append(cached_attention(layer, q[part], keys.to(q), values.to(q), causal))
+                return torch.cat(outputs, dim=0)
+
+            return attend_group, cache
+        # The returned cache is a new view (the argument stays valid: snapshots and decoding copies
+        # rely on it); appending writes only the block's tokens (see modeling/cache.py).
         new_cache = cache.copy() if update_cache else cache
 
         def attend(layer, q, k, v):
-            past_k, past_v = cache.layer(layer.layer_idx)
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, L, d)
-            if past_k is not None:
-                k = torch.cat([past_k.to(k.device), k.to(past_k.dtype)], dim=2)
-                v = torch.cat([past_v.to(v.device), v.to(past_v.dtype)], dim=2)
             if update_cache:
-                new_cache.set_layer(layer.layer_idx, k, v)
-            return cached_attention(layer, q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), causal)
+                k, v = new_cache.append(layer.layer_idx, k, v)
+            else:
+                k, v = cache.extended(layer.layer_idx, k, v)
+            return cached_attention(layer, q.transpose(1, 2), k.to(q), v.to(q), causal)
 
         return attend, new_cache
 
@@ -890,15 +911,28 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
             raise ValueError(f"phase must be one of {sorted(INFERENCE_PHASES)}; got {phase!r}")
         if cache is None or position is None:
             raise ValueError(f"phase {phase!r} needs a cache and a RoPE position")
-        return getattr(self, f"_phase_{phase}")(cache, int(position), **{k: v for k, v in inputs.items()
-                                                                          if v is not None})
+        if isinstance(cache, (tuple, list)):  # guidance branches in one call (velocity only)
+            if phase != "velocity":
+                raise ValueError(f"phase {phase!r} takes one cache; only 'velocity' takes a group of caches")
+            positions = [int(p) for p in position] if isinstance(position, (tuple, list)) else None
+            if positions is None or len(positions) != len(cache):
+                raise ValueError(f"a group of {len(cache)} caches needs as many RoPE positions; got {position!r}")
+            position = tuple(positions)
+        else:
+            position = int(position)
+        return getattr(self, f"_phase_{phase}")(cache, position, **{k: v for k, v in inputs.items()
+                                                                    if v is not None})
 
     def _block(self, cache, position_ids, causal: bool, update_cache: bool, **rows):
-        """One block through the decoder against ``cache``: (decoder output, cache after it)."""
+        """One block through the decoder against ``cache`` (or a group of caches): (decoder output, cache after it)."""
         batch = next(t.shape[0] for t in (rows.get("input_ids"), rows.get("und_embeds"), rows.get("gen_embeds"))
                      if t is not None)
-        if cache.length and cache.batch_size != batch:
-            raise ValueError(f"cache holds batch size {cache.batch_size} but the block has {batch}")
+        group = cache if isinstance(cache, (tuple, list)) else (cache,)
+        for member in group:
+            if member.length and member.batch_size * len(group) != batch:
+                per_cache = "" if len(group) == 1 else " per cache"
+                raise ValueError(f"cache holds batch size {member.batch_size} but the block has "
+                                 f"{batch // len(group)}{per_cache}")
         attend, new_cache = self._cache_attention(cache, causal, update_cache)
         return self.language_model(position_ids, attend, **rows), new_cache
 
@@ -926,18 +960,26 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
                                und_index=und_index)
         return UniBrainCachedOutput(cache=cache)
 
-    def _latent_block(self, cache, position: int, latent_tokens, latent_position_ids, timesteps, update_cache):
-        """``[<|vision_start|>, latents, <|vision_end|>]`` at one RoPE position in generation mode."""
+    def _latent_block(self, cache, position, latent_tokens, latent_position_ids, timesteps, update_cache):
+        """``[<|vision_start|>, latents, <|vision_end|>]`` at one RoPE position in generation mode.
+
+        With a group of n caches (and n positions) the block runs once for each, as n·B rows of one call.
+        """
         batch, num_tokens, _ = latent_tokens.shape
+        group = len(cache) if isinstance(cache, (tuple, list)) else 1
         t = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)[:1]
         embeds = self.embed_latents(latent_tokens.reshape(batch * num_tokens, -1), t.to(latent_tokens.device),
                                     latent_position_ids.repeat(batch)).reshape(batch, num_tokens, -1)
         device = embeds.device
         und_index = torch.tensor([0, num_tokens + 1], device=device)
         gen_index = torch.arange(1, num_tokens + 1, device=device)
-        positions = torch.full((num_tokens + 2,), position, device=device)
+        if group == 1:
+            positions = torch.full((num_tokens + 2,), int(position), device=device)
+        else:  # every branch at its own context's next position
+            embeds = embeds.repeat(group, 1, 1)
+            positions = torch.tensor(position, device=device).repeat_interleave(batch)[:, None].expand(-1, num_tokens + 2)
         decoded, cache = self._block(cache, positions, causal=False, update_cache=update_cache,
-                                     input_ids=self._marker_ids(batch, device), gen_embeds=embeds,
+                                     input_ids=self._marker_ids(batch * group, device), gen_embeds=embeds,
                                      und_index=und_index, gen_index=gen_index)
         return decoded.gen_hidden_state, cache
 
@@ -980,6 +1022,23 @@ class UniBrainForConditionalGeneration(UniBrainPreTrainedModel):
         return self(phase="velocity", cache=cache, position=position, latent_tokens=latent_tokens,
                     latent_position_ids=latent_position_ids,
                     timesteps=torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)[:1]).velocity
+
+    @torch.no_grad()
+    def velocities_cached(self, caches, latent_tokens, timestep, latent_position_ids, positions) -> list:
+        """:meth:`velocity_cached` against several caches (guidance branches) in one model call.
+
+        ``caches`` and ``positions`` pair up (each context's next RoPE position); the same noisy
+        latents (B, N, p·p·C) are queried against each. Returns one velocity (B, N, p·p·C) per cache.
+        The projections and MLPs run once for all branches (fewer, larger matmuls; under expert
+        offload the marker rows' understanding weights stream once), attention stays per cache.
+        """
+        caches = tuple(caches)
+        if len(caches) == 1:
+            return [self.velocity_cached(caches[0], latent_tokens, timestep, latent_position_ids, positions[0])]
+        velocity = self(phase="velocity", cache=caches, position=tuple(int(p) for p in positions),
+                        latent_tokens=latent_tokens, latent_position_ids=latent_position_ids,
+                        timesteps=torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)[:1]).velocity
+        return list(velocity.chunk(len(caches), dim=0))
 
     @torch.no_grad()
     def next_token_logits_cached(self, cache, token_ids: torch.LongTensor, position: int):

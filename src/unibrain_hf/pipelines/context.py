@@ -7,9 +7,11 @@ UniBrain's inference keeps three contexts side by side (BAGEL's ``interleave_inf
   recent instruction (and refreshed after every image), so it lacks the last prompt.
 * ``cfg_img`` — the image-unconditional twin: the text only (system prompt + instructions).
 
-Each context is a KV cache plus the next free RoPE position. Caches are immutable-append, so
-a snapshot is a shallow copy. Every append runs once for a batch of B rows that share lengths
-(e.g. B slices of one volume under one prompt). Denoising queries never write a cache. Every
+Each context is a KV cache plus the next free RoPE position. A snapshot is a new view on the same
+cache buffers (no copy); appends write in place and copy only where two contexts diverge from a
+shared prefix (see :mod:`unibrain_hf.modeling.cache`). Every append runs once for a batch of B rows
+that share lengths (e.g. B slices of one volume under one prompt). Denoising queries never write a
+cache; a step's guidance branches run as one model call (attention per context). Every
 tensor the context creates (token ids, sampling state) lives on its ``device`` — the
 pipeline's execution device, which under offloading differs from where the weights rest.
 
@@ -66,10 +68,14 @@ class InterleavedContext:
         bos_token_id / eos_token_id: ids wrapping every text segment (``<|im_start|>`` / ``<|im_end|>``).
         batch_size: rows B; a text given once is shared by all rows.
         device: where the context's own tensors are created (the pipeline's ``_execution_device``).
+        batch_branches: evaluate a denoising step's guidance branches in one model call (the default;
+            ``False`` runs one call per branch — the same velocities up to float rounding).
     """
 
-    def __init__(self, model, bos_token_id: int, eos_token_id: int, batch_size: int = 1, device="cpu"):
+    def __init__(self, model, bos_token_id: int, eos_token_id: int, batch_size: int = 1, device="cpu",
+                 batch_branches: bool = True):
         self.model = model
+        self.batch_branches = bool(batch_branches)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.bos_token_id = int(bos_token_id)
@@ -134,10 +140,10 @@ class InterleavedContext:
         self.cfg_img = self.gen.snapshot()
 
     def fork(self) -> "InterleavedContext":
-        """A free copy (caches are immutable-append): e.g. ask a question without keeping it."""
+        """A free copy (snapshots share cache buffers): e.g. ask a question without keeping it."""
         clone = InterleavedContext.__new__(InterleavedContext)
         clone.model, clone.bos_token_id, clone.eos_token_id = self.model, self.bos_token_id, self.eos_token_id
-        clone.batch_size, clone.device = self.batch_size, self.device
+        clone.batch_size, clone.device, clone.batch_branches = self.batch_size, self.device, self.batch_branches
         clone.gen, clone.cfg_text, clone.cfg_img = self.gen.snapshot(), self.cfg_text.snapshot(), self.cfg_img.snapshot()
         return clone
 
@@ -148,15 +154,19 @@ class InterleavedContext:
 
         The generated image sits at each context's own next RoPE position.
         """
-        velocity = self.model.velocity_cached
         latent_position_ids = latent_position_ids.to(self.device)
-        v_cond = velocity(self.gen.cache, x_t, t, latent_position_ids, self.gen.rope)
-        v_text = v_image = None
+        branches = [self.gen]
         if text_scale > 1.0:
-            v_text = velocity(self.cfg_text.cache, x_t, t, latent_position_ids, self.cfg_text.rope)
+            branches.append(self.cfg_text)
             if image_scale > 1.0:
-                v_image = velocity(self.cfg_img.cache, x_t, t, latent_position_ids, self.cfg_img.rope)
-        return v_cond, v_text, v_image
+                branches.append(self.cfg_img)
+        if len(branches) == 1 or not self.batch_branches:
+            found = [self.model.velocity_cached(b.cache, x_t, t, latent_position_ids, b.rope) for b in branches]
+        else:  # one model call for all branches of the step
+            found = self.model.velocities_cached([b.cache for b in branches], x_t, t, latent_position_ids,
+                                                 [b.rope for b in branches])
+        found += [None] * (3 - len(found))
+        return tuple(found)
 
     @torch.no_grad()
     def generate_text(self, max_length: int, do_sample: bool = False, temperature: float = 1.0,

@@ -18,7 +18,7 @@ accelerator for its own call and dropped right after) whenever a phase gives it 
   layer (the block attends bidirectionally), so they cannot be cached: an exact velocity needs the
   understanding expert's weights for these two rows in every call, and they stream. This keeps the
   output bit-identical to the plain run; the price is one pass of understanding weights over the
-  host link per velocity call (see docs/MEMORY.md for the measured cost).
+  host link per velocity call — one per denoising step, its guidance branches batched (see docs/MEMORY.md).
 
 Weights not on the accelerator live in host memory (pinned when the accelerator is CUDA); while
 off the accelerator a parameter holds a ``meta`` tensor, so where every weight is at any moment

@@ -55,6 +55,7 @@ from ..protocol.prompts import (build_eval_diagnosis_prompt, build_eval_generati
 from ..utils.readers import check_pipeline_directory
 from . import mri_io
 from .context import EncodedImage, InterleavedContext
+from .fast_inference import FastInferenceMixin
 from .lora import UniBrainLoraLoaderMixin
 from .hub import UniBrainHubMixin
 from .offload import ExpertOffloadMixin
@@ -157,7 +158,8 @@ def _is_local_path(name_or_path) -> bool:
     return str(name_or_path).startswith((".", "~")) or os.path.isabs(str(name_or_path))
 
 
-class UniBrainPipeline(UniBrainLoraLoaderMixin, UniBrainHubMixin, ExpertOffloadMixin, DiffusionPipeline):
+class UniBrainPipeline(UniBrainLoraLoaderMixin, UniBrainHubMixin, ExpertOffloadMixin, FastInferenceMixin,
+                       DiffusionPipeline):
     r"""Interleaved brain-MRI imputation and understanding with UniBrain (BAGEL-7B-MoT).
 
     Args:
@@ -172,7 +174,9 @@ class UniBrainPipeline(UniBrainLoraLoaderMixin, UniBrainHubMixin, ExpertOffloadM
 
     Precision: ``from_pretrained(..., dtype=torch.bfloat16)`` runs the decoder in bf16 (as UniBrain
     does on GPU). The VAE may be kept in fp32 (``pipe.vae.to(torch.float32)``); latents and the Euler
-    update are always kept in fp32.
+    update are always kept in fp32. ``enable_fast_inference(dtype=torch.bfloat16, compile=...)``
+    switches an fp32 pipeline to bf16 where this machine has native bf16 (else it stays fp32 and
+    says why) and optionally compiles the decoder experts.
     """
 
     model_cpu_offload_seq = "model->vae"

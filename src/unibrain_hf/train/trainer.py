@@ -8,8 +8,10 @@ checkpoint's metadata compared with it) before anything is loaded or written; th
 data stream, the wrapped (possibly sharded) model, and, on the *prepared* parameters, the
 optimizer, LR schedule and EMA. :meth:`Trainer.train_step` runs one optimizer step:
 
-* each pack of the step (``train.packs_per_step`` per process) is VAE-encoded (posterior sampled,
-  no grad) and run through the stage's forward (:mod:`.stages`);
+* each pack of the step (``train.packs_per_step`` per process) gets its VAE latents (posterior
+  parameters read from the latent cache, ``data.latent_cache``, or encoded one image per call;
+  then sampled with the pack's generator, no grad) and runs through the stage's forward
+  (:mod:`.stages`), under autocast when ``train.mixed_precision`` asks (checked by :mod:`.precision`);
 * loss = CE + MSE as *global token means*: the token counts of the whole step are summed over
   ranks first, each pack contributes its token sums divided by them, times the world size
   (DDP and FSDP average gradients over ranks), so one process with N packs per step and N
@@ -180,6 +182,11 @@ def _make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
+    from .precision import check_mixed_precision
+
+    # Before accelerate sees it: it would accept fp16 on a CPU and quietly train in fp32.
+    check_mixed_precision(config.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
+
     output_dir = Path(config.train.output_dir)
     log_with = "tensorboard" if _has_tensorboard() else None
     # Without an accelerator device, accelerate must be told to use the CPU: a process launched by
@@ -215,13 +222,17 @@ class Trainer:
 
         from ..modeling.checkpointing import enable_activation_checkpointing
         from ..processing.processor import UniBrainProcessor
+        from ..utils.threads import configure_threads
         from .data import build_dataset
         from .lora import resolve_lora
+        from .precision import check_mixed_precision
 
+        configure_threads(config.train.threads, what="train.threads")
         self.config = config
         self.progress = progress
         self.output_dir = Path(config.train.output_dir)
         self.accelerator = accelerator or _make_accelerator(config)
+        check_mixed_precision(self.accelerator.mixed_precision, self.accelerator.device)
         self.stage = STAGES[config.stage]
         # ---- checks: nothing has been loaded or written yet
         self.plan = plan_parallelism(self.accelerator, self.stage, config)
@@ -254,7 +265,14 @@ class Trainer:
         self.processor = UniBrainProcessor.for_model(
             base.config, self.tokenizer, vae_max_size=config.data.vae_max_size, vae_min_size=config.data.vae_min_size,
             vit_max_size=config.data.vit_max_size, vit_min_size=config.data.vit_min_size)
-        self.dataset = build_dataset(config, self.processor, self.plan.rank, self.plan.world_size)
+        self.latent_cache = None
+        if config.data.latent_cache:
+            from ..data.latent_cache import LatentCache
+
+            with self.accelerator.main_process_first():  # rank 0 writes the manifest of a new cache
+                self.latent_cache = LatentCache.open(config.data.latent_cache, self.vae, self.processor.vae_resize)
+        self.dataset = build_dataset(config, self.processor, self.plan.rank, self.plan.world_size,
+                                     latent_cache=self.latent_cache)
 
         # ---- the wrapped model, then optimizer / schedule / EMA on its (possibly sharded) parameters
         train = config.train
@@ -302,8 +320,6 @@ class Trainer:
     # --------------------------------------------------------------------------------- one step
     def train_step(self, packs: list) -> dict:
         """One optimizer step over this rank's ``packs``; returns the step's global metrics."""
-        from ..modeling.vae import encode_latents
-
         accelerator, train = self.accelerator, self.config.train
         device, world = accelerator.device, self.plan.world_size
         started = time.perf_counter()
@@ -316,9 +332,7 @@ class Trainer:
             with gradient_sync(self.module, enabled=index == len(packs) - 1), \
                     torch.random.fork_rng(devices=devices):
                 torch.manual_seed(pack_seed(train.seed, batch))
-                with torch.no_grad():
-                    latents = encode_latents(self.vae, batch.padded_images.to(device)) \
-                        if batch.padded_images is not None else None
+                latents = self.latents(batch)
                 with accelerator.autocast():
                     output = self.module(batch, latents)
                 zero = torch.zeros((), device=device)
@@ -342,9 +356,23 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - started
         tokens = self._sum_over_ranks([sum(b.sequence_length for b in packs)])[0]
-        return {"step": self.step, "loss": loss, "ce": ce if ce_total else None, "mse": mse if mse_total else None,
-                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "tokens_per_second": tokens / max(elapsed, 1e-9)}
+        record = {"step": self.step, "loss": loss, "ce": ce if ce_total else None, "mse": mse if mse_total else None,
+                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  "tokens_per_second": tokens / max(elapsed, 1e-9)}
+        if self.latent_cache is not None:  # this rank's running totals (distinct images per pack)
+            record.update(latent_cache_hits=self.latent_cache.hits, latent_cache_misses=self.latent_cache.misses)
+        return record
+
+    @torch.no_grad()
+    def latents(self, batch) -> torch.Tensor | None:
+        """The pack's normalised VAE latents: posterior parameters (cached or encoded), then one ε draw."""
+        from ..data.latent_cache import pack_distributions, sample_latents
+
+        if batch.padded_images is None:
+            return None
+        mean, logvar = pack_distributions(self.vae, batch.padded_images.to(self.accelerator.device),
+                                          self.latent_cache, getattr(batch, "cached_latents", None))
+        return sample_latents(self.vae, mean, logvar)
 
     # --------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:

@@ -41,6 +41,11 @@ def _yaml12_float(value: Any) -> Any:
 Float = Annotated[float, BeforeValidator(_yaml12_float)]
 
 
+def _yaml11_no(value: Any) -> Any:
+    # YAML 1.1 reads a bare `no` as False; `mixed_precision: no` means the string.
+    return "no" if value is False else value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
 
@@ -127,7 +132,7 @@ class TrainSection(_Section):
     # Autocast through accelerate with fp32 master weights (fp16 adds dynamic loss scaling). bf16 runs
     # on GPUs and on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere it is refused (see
     # `unibrain_hf.train.precision`). Drift against fp32: benchmarks/README.md.
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_yaml11_no)] = "no"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per process; None: the usable cores
     # Packs per optimizer step on each process (gradient accumulation); the global batch is
     # packs_per_step × number of processes packs.

@@ -134,6 +134,9 @@ class TrainSection(_Section):
     # `unibrain_hf.train.precision`). Drift against fp32: benchmarks/README.md.
     mixed_precision: Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_yaml11_no)] = "no"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per process; None: the usable cores
+    # torch.compile of the decoder's per-expert MLPs and norms (see `unibrain_hf.train.compile`): ~1 % on
+    # the CPU after ~45 s of compiling, so off by default; falls back to eager with a warning.
+    compile: bool = False
     # Packs per optimizer step on each process (gradient accumulation); the global batch is
     # packs_per_step × number of processes packs.
     packs_per_step: int = Field(1, ge=1)

@@ -254,6 +254,10 @@ class Trainer:
         self.stage.apply(model)
         if config.model.gradient_checkpointing:
             enable_activation_checkpointing(model)
+        if config.train.compile:
+            from .compile import compile_decoder
+
+            compile_decoder(model, self.accelerator.device)
         model = resolve_lora(model, config.lora)
         if config.lora.enabled:  # adapters follow the stage's predicate too (e.g. align: generation expert only)
             for name, parameter in model.named_parameters():

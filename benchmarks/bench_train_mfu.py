@@ -219,7 +219,9 @@ def main(argv=None) -> int:
     median = statistics.median(times)
     peak = _peak_flops(device) or (1e12 if args.dry_run else None)
     tokens = int(batch.sequence_length)
-    active = sum(p.numel() for n, p in model.named_parameters() if ".gen." not in n)
+    # Parameters a token's matmuls use: one expert per token; embeddings are lookups, lm_head runs on CE rows only.
+    active = sum(p.numel() for n, p in model.named_parameters()
+                 if ".gen." not in n and "embed_tokens" not in n and "lm_head" not in n)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
         "torch": torch.__version__, "layers": model.config.text_config.num_hidden_layers,

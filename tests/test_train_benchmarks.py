@@ -20,7 +20,7 @@ def test_mfu_benchmark_dry_run(tmp_path):
     result = json.loads(out.read_text())
     assert result["device"].startswith("cpu") and result["optimizer"]
     assert result["pack_tokens"] == sum(result["sample_lens"]) > 0
-    assert result["flops_per_step"] > 3 * result["analytic_6nt_tflop"] * 1e12 / 6  # at least the forward matmuls
+    assert result["flops_per_step"] > 0 and result["active_parameters_per_token"] < result["parameters"]
     assert result["peak_tflops"] == 2.0
     expected = result["flops_per_step"] / result["median_step_s"] / 2e12
     assert abs(result["mfu"] - expected) <= 1e-12 and result["mfu"] > 0

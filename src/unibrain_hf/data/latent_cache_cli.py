@@ -35,17 +35,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--limit-subjects", type=int, default=None, help=argparse.SUPPRESS)
 
 
-def _model_config(section):
-    from ..modeling import UniBrainConfig
-
-    if section.pretrained:
-        path = Path(section.pretrained)
-        folder = path / "model" if (path / "model" / "config.json").exists() else path
-        return UniBrainConfig.from_pretrained(str(folder))
-    presets = {"tiny": UniBrainConfig.tiny, "bagel_7b_mot": UniBrainConfig.bagel_7b_mot}
-    return presets[section.preset](**section.preset_overrides)
-
-
 def candidate_images(record, task: str, image_size: int):
     """(metadata, uint8 RGB image) for every image the ``task`` builder can draw from ``record``."""
     from .intensity import lesion_slice_indices, minmax_uint8, rescale_intensity, slice_to_rgb
@@ -73,7 +62,6 @@ def candidate_images(record, task: str, image_size: int):
 
 def run(args) -> int:
     import torch
-    from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
     from ..errors import UniBrainError
@@ -81,18 +69,19 @@ def run(args) -> int:
     from ..processing.sequence_plan import to_rgb_pil
     from ..train.config import load_config
     from ..train.stages import STAGES
-    from .latent_cache import LatentCache, encode_distribution, image_key
+    from ..train.trainer import load_model_config, load_vae, open_latent_cache
+    from .latent_cache import encode_distribution, image_key
     from .radgenome import iter_subject_records
 
     try:
         config = load_config(args.config, args.overrides)
-        section, data = config.model, config.data
+        data = config.data
         out = Path(args.out or data.latent_cache or Path(data.path) / "latent_cache")
-        model_config = _model_config(section)
-        vae_dir = section.vae or str(Path(section.pretrained) / "vae")
-        vae = AutoencoderKL.from_pretrained(vae_dir).requires_grad_(False).eval()
-        vae_resize = StrideResize(data.vae_max_size, data.vae_min_size, model_config.latent_downsample)
-        cache = LatentCache.open(out, vae, vae_resize, what="--out" if args.out else "data.latent_cache")
+        config.data.latent_cache = str(out)
+        vae = load_vae(config)
+        cache = open_latent_cache(config, vae, load_model_config(config),
+                                  what="--out" if args.out else "data.latent_cache")
+        vae_resize = StrideResize(**cache.manifest["transform"]["vae_resize"])
     except UniBrainError as exc:
         print(f"unibrain cache-latents: {exc}", file=sys.stderr)
         return 2

@@ -114,9 +114,11 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------- components
-def load_components(config: TrainConfig):
-    """Model, VAE and tokenizer from ``model.pretrained`` (pipeline or model dir) or a preset."""
-    from diffusers import AutoencoderKL
+def load_components(config: TrainConfig, vae=None):
+    """Model, VAE and tokenizer from ``model.pretrained`` (pipeline or model dir) or a preset.
+
+    ``vae``: an already loaded VAE (the latent-cache check loads it first) instead of loading it again.
+    """
     from transformers import AutoTokenizer
 
     from ..modeling import UniBrainConfig, UniBrainForConditionalGeneration
@@ -135,12 +137,41 @@ def load_components(config: TrainConfig):
         model = UniBrainForConditionalGeneration(model_config)
     if section.weights:
         load_weights(model, Path(section.weights))
-    vae_dir = section.vae or str(pretrained / "vae")
     tokenizer_dir = section.tokenizer or str(pretrained / "tokenizer")
-    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae = vae if vae is not None else load_vae(config)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    vae.requires_grad_(False).eval()
     return model, vae, tokenizer
+
+
+def load_vae(config: TrainConfig):
+    """The frozen VAE (``model.vae``, else ``<model.pretrained>/vae``), in eval mode."""
+    from diffusers import AutoencoderKL
+
+    section = config.model
+    vae = AutoencoderKL.from_pretrained(section.vae or str(Path(section.pretrained) / "vae"))
+    return vae.requires_grad_(False).eval()
+
+
+def load_model_config(config: TrainConfig):
+    """The model's config alone (no weights): from ``model.pretrained`` (pipeline or model dir) or the preset."""
+    from ..modeling import UniBrainConfig
+
+    section = config.model
+    if section.pretrained:
+        path = Path(section.pretrained)
+        folder = path / "model" if (path / "model" / "config.json").exists() else path
+        return UniBrainConfig.from_pretrained(str(folder))
+    presets = {"tiny": UniBrainConfig.tiny, "bagel_7b_mot": UniBrainConfig.bagel_7b_mot}
+    return presets[config.model.preset](**config.model.preset_overrides)
+
+
+def open_latent_cache(config: TrainConfig, vae, model_config, create: bool = True, what: str = "data.latent_cache"):
+    """``data.latent_cache`` for this run's VAE and VAE image transform (stale caches raise before training)."""
+    from ..data.latent_cache import LatentCache
+    from ..processing.image_transforms import StrideResize
+
+    resize = StrideResize(config.data.vae_max_size, config.data.vae_min_size, model_config.latent_downsample)
+    return LatentCache.open(config.data.latent_cache, vae, resize, create=create, what=what)
 
 
 def load_weights(model, path: Path) -> None:
@@ -248,9 +279,16 @@ class Trainer:
             resume_state = inspect_checkpoint(path)
             check_compatible(resume_state, self.fingerprint, self.layout)
 
+        # A stale latent cache is refused before the model is loaded (only the VAE and configs are read).
+        vae, self.latent_cache = None, None
+        if config.data.latent_cache:
+            vae = load_vae(config)
+            with self.accelerator.main_process_first():  # rank 0 writes the manifest of a new cache
+                self.latent_cache = open_latent_cache(config, vae, load_model_config(config))
+
         # ---- components (the same seed on every rank: identical initial weights and adapters)
         set_seed(config.train.seed)
-        model, self.vae, self.tokenizer = load_components(config)
+        model, self.vae, self.tokenizer = load_components(config, vae=vae)
         self.stage.apply(model)
         if config.model.gradient_checkpointing:
             enable_activation_checkpointing(model)
@@ -269,12 +307,10 @@ class Trainer:
         self.processor = UniBrainProcessor.for_model(
             base.config, self.tokenizer, vae_max_size=config.data.vae_max_size, vae_min_size=config.data.vae_min_size,
             vit_max_size=config.data.vit_max_size, vit_min_size=config.data.vit_min_size)
-        self.latent_cache = None
-        if config.data.latent_cache:
-            from ..data.latent_cache import LatentCache
-
-            with self.accelerator.main_process_first():  # rank 0 writes the manifest of a new cache
-                self.latent_cache = LatentCache.open(config.data.latent_cache, self.vae, self.processor.vae_resize)
+        if self.latent_cache is not None and self.latent_cache.manifest["transform"]["vae_resize"] != \
+                self.processor.vae_resize.to_dict():  # the model's stride disagrees with its config file
+            raise ConfigError(f"data.latent_cache {config.data.latent_cache}: the processor's VAE transform "
+                              f"{self.processor.vae_resize.to_dict()} differs from the one checked before loading")
         self.dataset = build_dataset(config, self.processor, self.plan.rank, self.plan.world_size,
                                      latent_cache=self.latent_cache)
 
@@ -555,4 +591,5 @@ def _active_parameters(model) -> int:
     return total - generation_expert
 
 
-__all__ = ["Trainer", "train", "TrainResult", "load_components", "load_weights", "build_scheduler", "pack_seed"]
+__all__ = ["Trainer", "train", "TrainResult", "load_components", "load_vae", "load_model_config", "open_latent_cache",
+           "load_weights", "build_scheduler", "pack_seed"]

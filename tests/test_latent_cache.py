@@ -89,7 +89,7 @@ def _train_losses(workspace, tmp_path, name, **overrides):
     return result.losses
 
 
-def test_training_with_the_cache_gives_identical_losses(train_workspace, tmp_path):  # noqa: F811
+def test_training_with_the_cache_gives_identical_losses(train_workspace, tmp_path, monkeypatch):  # noqa: F811
     plain = _train_losses(train_workspace, tmp_path, "plain")
     cache_dir = tmp_path / "cache"
     filled = _train_losses(train_workspace, tmp_path, "filling", **{"data.latent_cache": cache_dir})
@@ -108,6 +108,12 @@ def test_training_with_the_cache_gives_identical_losses(train_workspace, tmp_pat
     with torch.no_grad():
         next(vae.parameters()).add_(1e-3)
     vae.save_pretrained(str(other_vae))
+    from unibrain_hf.train import trainer
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the stale cache was refused")
+
+    monkeypatch.setattr(trainer, "load_components", must_not_load)
     with pytest.raises(StaleLatentCacheError, match="stale"):
         _train_losses(train_workspace, tmp_path, "stale", **{"data.latent_cache": cache_dir,
                                                             "model.vae": other_vae})

@@ -178,6 +178,7 @@ def layout_summary(batch) -> dict:
 
 def write_reference_batch(batch, path: Path) -> None:
     """Our pack under the reference's ``forward_normal`` argument names (tensors + a JSON of lists)."""
+    import torch
     from safetensors.torch import save_file
 
     tensors = {
@@ -185,7 +186,7 @@ def write_reference_batch(batch, path: Path) -> None:
         "packed_position_ids": batch.position_ids, "ce_loss_indexes": batch.ce_loss_indexes,
         "packed_label_ids": batch.labels, "packed_vit_tokens": batch.vit_pixel_patches,
         "packed_vit_token_indexes": batch.vit_token_indexes, "packed_vit_position_ids": batch.vit_position_ids,
-        "vit_token_seqlens": batch.vit_seqlens.to(dtype=__import__("torch").int32),
+        "vit_token_seqlens": batch.vit_seqlens.to(dtype=torch.int32),
         "padded_images": batch.padded_images, "packed_latent_position_ids": batch.latent_position_ids,
         "packed_vae_token_indexes": batch.vae_token_indexes, "packed_timesteps": batch.timesteps,
         "mse_loss_indexes": batch.mse_loss_indexes,

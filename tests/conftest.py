@@ -11,6 +11,9 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Idle OpenMP threads sleep instead of spinning: on a loaded machine spin-waiting for a descheduled
+# partner made tiny calls 40x slower. Read once when OpenMP starts, so set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Remote code loaded with trust_remote_code is copied into a modules cache; keep the suite's own copy
 # (set before transformers/diffusers are imported, which read it once).
 if "HF_MODULES_CACHE" not in os.environ:
@@ -22,7 +25,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+from unibrain_hf.utils.threads import usable_cores  # noqa: E402
+
+torch.set_num_threads(min(2, usable_cores()))  # the cores this process may use, not the machine's
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

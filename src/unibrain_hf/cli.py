@@ -3,10 +3,12 @@
     unibrain --help
     unibrain phantom out/cohort --subjects 8 --seed 0
     unibrain convert path/to/BAGEL-7B-MoT path/to/unibrain-converted
+    unibrain cache-latents --pipeline runs/align/pipeline --data out/cohort --stage unified --threads 2
 
 Each sub-command lives in its own module, which exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported only when their command runs, so
-``unibrain --help`` stays fast.
+``unibrain --help`` stays fast. Every sub-command takes ``--threads N`` (torch intra-op threads;
+default: the cores this process may use, see :mod:`unibrain_hf.utils.threads`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("unibrain_hf.data.prepare_cli", "convert NIfTI folders + reports into the RadGenome parquet schema"),
     "eval": ("unibrain_hf.evaluation.cli", "evaluate a pipeline on a cohort (generation / diagnosis / unified)"),
     "demo": ("unibrain_hf.demo", "the main job: phantom cohort -> 3-stage training -> evaluation report"),
+    "cache-latents": ("unibrain_hf.data.latent_cache_cli",
+                      "encode a cohort's training images with the frozen VAE once (latent cache for training)"),
 }
 
 
@@ -43,8 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    module.add_arguments(parsers[argv[0]])
+    command_parser = parsers[argv[0]]
+    module.add_arguments(command_parser)
+    if "--threads" not in command_parser._option_string_actions:  # a command may define its own
+        command_parser.add_argument("--threads", type=int, default=None, metavar="N",
+                                    help="torch intra-op threads (default: the cores this process may use)")
     args = parser.parse_args(argv)
+    from .errors import InvalidInputError
+    from .utils.threads import configure_threads
+
+    try:
+        configure_threads(args.threads, what="--threads")
+    except InvalidInputError as exc:
+        command_parser.error(str(exc))
     return int(module.run(args) or 0)
 
 

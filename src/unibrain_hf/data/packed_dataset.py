@@ -43,6 +43,11 @@ the global sequence is identical in infinite mode (``num_epochs=None``, the trai
 in a finite run the interleaving can differ once a worker has run dry. Packs a worker had
 prefetched but the trainer had not consumed are regenerated, never skipped.
 
+Latent cache: given a :class:`~unibrain_hf.data.latent_cache.LatentCache`, every pack handed out
+carries ``cached_latents`` (the content key of each padded VAE row and the posterior parameters
+already cached for them), read here — in the DataLoader workers when there are any — so the
+trainer encodes only what the cache lacks.
+
     python -m unibrain_hf.data.packed_dataset   # packs a small synthetic cohort and prints the packs
 """
 
@@ -198,6 +203,8 @@ class PackedDataset(IterableDataset):
         num_epochs: ``None`` cycles forever, reshuffling every epoch; an int stops after that many.
         rank, world_size: this process's share of the records under distributed training.
         stream_shuffle_buffer: shuffle window (in subjects) for streamed sources.
+        latent_cache: a :class:`~unibrain_hf.data.latent_cache.LatentCache` to look every pack's VAE
+            images up in (attached as ``batch.cached_latents``); None: no lookup.
 
     ``stats`` counts records read, samples packed, invalid records (the builder raised
     ``ValueError``), too-long samples, samples the packer rejected, packs, and condition-dropout
@@ -208,8 +215,9 @@ class PackedDataset(IterableDataset):
                  task: str | Callable[[SubjectRecord, np.random.Generator], BuiltSample], processor,
                  dropout: DropoutProbabilities | None = None, budget: TokenBudget | None = None, seed: int = 42,
                  num_epochs: int | None = None, rank: int = 0, world_size: int = 1,
-                 stream_shuffle_buffer: int = 64):
+                 stream_shuffle_buffer: int = 64, latent_cache=None):
         super().__init__()
+        self.latent_cache = latent_cache
         self._record_list = self._record_stream = self._rows = None
         if _is_streamed_dataset(records):
             self._rows = records
@@ -449,6 +457,9 @@ class PackedDataset(IterableDataset):
         def emit() -> PackedBatch:
             nonlocal pack, fill
             batch = concatenate_packs([s.packed for s in pack])
+            if self.latent_cache is not None and batch.padded_images is not None:
+                # Looked up on the final pack: its canvas (the padded size) is part of each key.
+                batch.cached_latents = self.latent_cache.lookup(batch.padded_images)
             stats["samples_packed"] += len(pack)
             stats["packs"] += 1
             state["packs_yielded"] += 1

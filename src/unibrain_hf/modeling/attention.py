@@ -147,8 +147,13 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     """Attention over a packed training sequence.
 
     ``query`` is (L, H, d), ``key``/``value`` are (L, H_kv, d); returns (L, H·d).
-    SDPA / eager run one call per sample with that sample's dense mask (the fastest CPU
-    option measured); flex attention runs once over the whole pack with a ``BlockMask``.
+    SDPA / eager run one call per sample with that sample's dense mask; flex attention runs once
+    over the whole pack with a ``BlockMask``. Backend per device and precision, by measurement
+    (benchmarks/README.md, bench preset, per layer forward + backward at 1 thread): on the CPU in
+    fp32 the fused SDPA kernel and the eager matmul + softmax form cost the same (65 vs 66 ms) and
+    the configured one runs; under bf16 autocast the eager form is twice as fast (30 vs 61 ms: the
+    CPU flash kernel gains nothing from bf16 with a float mask), so ``sdpa`` runs it there. Same
+    mask, same result within rounding; GPUs keep SDPA (or flex when configured).
     """
     implementation = module.config._attn_implementation or "sdpa"
     length, num_heads, head_dim = query.shape
@@ -160,6 +165,8 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
                                         value.transpose(0, 1)[None], block, scaling=module.scaling)
         return out.reshape(length, num_heads * head_dim)
     attention = _interface(module)
+    if implementation == "sdpa" and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
+        attention = eager_attention_forward
     masks = layout.dense_masks(dtype=query.dtype, device=query.device)
     outputs, start = [], 0
     for sample_len, mask in zip(layout.sample_lens, masks):

@@ -18,6 +18,11 @@ and prints a JSON report of max |difference| per quantity. The exit code is 0 on
 quantity is within tolerance.
 
     python -m unibrain_hf.testing.parity path/to/fixture_dir [--json report.json] [--attn sdpa|eager]
+    python -m unibrain_hf.testing.parity path/to/fixture_dir --latent-cache DIR   # the batch's latents via the cache
+
+The training batch's latents go through the trainer's own path (posterior parameters, one image
+per encoder call, then the recorded ε). With ``--latent-cache`` the parameters are first written
+to that cache and then read back from disk, as a training run with ``data.latent_cache`` does.
 """
 
 from __future__ import annotations
@@ -125,12 +130,14 @@ def recorded_timesteps(samples, raw_timesteps: torch.Tensor, latent_token_counts
     return values
 
 
-def check_training(fixture_dir: Path, converted: Path, report: Report, attn: str = "sdpa") -> None:
+def check_training(fixture_dir: Path, converted: Path, report: Report, attn: str = "sdpa",
+                   latent_cache: str | Path | None = None) -> dict:
+    """Replay the training batch; returns our loss and every parameter's gradient (for path comparisons)."""
     from diffusers import AutoencoderKL
 
     from .. import UniBrainForConditionalGeneration, UniBrainProcessor
     from ..convert.bagel_keys import rename_bagel_key
-    from ..modeling.vae import encode_latents
+    from ..data.latent_cache import LatentCache, pack_distributions, sample_latents
 
     readme = load_fixture(fixture_dir)
     recorded = load_file(str(fixture_dir / "train_batch.safetensors"))
@@ -162,7 +169,17 @@ def check_training(fixture_dir: Path, converted: Path, report: Report, attn: str
                                                              dtype=torch.float32)
     model.train()
     with torch.no_grad():
-        latents = encode_latents(vae, batch.padded_images, recorded["input.vae_posterior_eps"])
+        cache = None
+        if latent_cache is not None:  # fill it, then read every row back from disk through a fresh handle
+            pack_distributions(vae, batch.padded_images, LatentCache.open(latent_cache, vae, processor.vae_resize))
+            cache = LatentCache.open(latent_cache, vae, processor.vae_resize, create=False)
+            found = cache.lookup(batch.padded_images)
+            report.add("train.latent_cache.missing_after_fill", float(len(found.missing)), TOLERANCES["exact"])
+        mean, logvar = pack_distributions(vae, batch.padded_images, cache,
+                                          cache.lookup(batch.padded_images) if cache is not None else None)
+        if cache is not None:
+            report.add("train.latent_cache.encoded_while_cached", float(cache.misses), TOLERANCES["exact"])
+        latents = sample_latents(vae, mean, logvar, posterior_eps=recorded["input.vae_posterior_eps"])
     report.add("train.padded_latent", _max_diff(latents, recorded["output.padded_latent"]), TOLERANCES["latent"])
     output = model(**batch.model_inputs(latents), flow_noise=recorded["input.flow_noise"], output_hidden_states=True)
     loss_pairs = [("ce_loss", output.ce_loss), ("mse_loss", output.mse_loss), ("loss", output.loss)]
@@ -203,9 +220,12 @@ def check_training(fixture_dir: Path, converted: Path, report: Report, attn: str
                TOLERANCES["grad"])
     if missing:
         report.rows["train.grads.missing"] = {"ok": False, "missing": missing[:10]}
+    return {"loss": output.loss.detach(), "latents": latents,
+            "grads": {n: p.grad.detach().clone() for n, p in parameters.items() if p.grad is not None}}
 
 
-def run(fixture_dir: str | Path, attn: str = "sdpa", work_dir: str | Path | None = None) -> dict:
+def run(fixture_dir: str | Path, attn: str = "sdpa", work_dir: str | Path | None = None,
+        latent_cache: str | Path | None = None) -> dict:
     from ..convert import convert_bagel_checkpoint
 
     fixture_dir = Path(fixture_dir)
@@ -213,7 +233,7 @@ def run(fixture_dir: str | Path, attn: str = "sdpa", work_dir: str | Path | None
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         converted = Path(tmp) / "converted"
         convert_bagel_checkpoint(fixture_dir, converted)
-        check_training(fixture_dir, converted, report, attn=attn)
+        check_training(fixture_dir, converted, report, attn=attn, latent_cache=latent_cache)
         from .inference_parity import check_inference, tolerance_for
 
         for name, difference in check_inference(fixture_dir, converted).items():
@@ -226,9 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("fixture_dir", help="directory with README.json and the recorded safetensors files")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention backend to check")
     parser.add_argument("--json", help="also write the report to this file")
+    parser.add_argument("--latent-cache", default=None, metavar="DIR",
+                        help="take the training batch's latents through a latent cache in DIR (created if absent)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = run(args.fixture_dir, attn=args.attn)
+    result = run(args.fixture_dir, attn=args.attn, latent_cache=args.latent_cache)
     text = json.dumps(result, indent=2, default=float)
     print(text)
     if args.json:

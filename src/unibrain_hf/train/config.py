@@ -41,6 +41,11 @@ def _yaml12_float(value: Any) -> Any:
 Float = Annotated[float, BeforeValidator(_yaml12_float)]
 
 
+def _yaml11_no(value: Any) -> Any:
+    # YAML 1.1 reads a bare `no` as False; `mixed_precision: no` means the string.
+    return "no" if value is False else value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
 
@@ -78,6 +83,10 @@ class DataSection(_Section):
     # Subjects held (decoded) in the streaming shuffle window of each rank/worker: memory is this
     # many subjects, whatever the cohort size.
     stream_shuffle_buffer: int = Field(16, ge=1)
+    # Posterior parameters of the frozen VAE, read instead of encoding every image every step
+    # (`unibrain cache-latents` fills it offline; the trainer fills what is missing). Losses are
+    # bit-identical with and without it; a cache of another VAE or image transform is refused.
+    latent_cache: str | None = None
 
     @model_validator(mode="after")
     def _budget(self) -> "DataSection":
@@ -120,7 +129,14 @@ class TrainSection(_Section):
     ema_decay: Float = Field(0.995, ge=0.0, lt=1.0)
     ce_weight: Float = Field(1.0, ge=0.0)
     mse_weight: Float = Field(1.0, ge=0.0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # bf16/fp16: GPU autocast
+    # Autocast through accelerate with fp32 master weights (fp16 adds dynamic loss scaling). bf16 runs
+    # on GPUs and on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere it is refused (see
+    # `unibrain_hf.train.precision`). Drift against fp32: benchmarks/README.md.
+    mixed_precision: Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_yaml11_no)] = "no"
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads per process; None: the usable cores
+    # torch.compile of the decoder's per-expert MLPs and norms (see `unibrain_hf.train.compile`): ~1 % on
+    # the CPU after ~45 s of compiling, so off by default; falls back to eager with a warning.
+    compile: bool = False
     # Packs per optimizer step on each process (gradient accumulation); the global batch is
     # packs_per_step × number of processes packs.
     packs_per_step: int = Field(1, ge=1)

@@ -15,8 +15,11 @@ import functools
 from ..errors import ConfigError
 
 
-def build_dataset(config, processor, rank: int, world_size: int):
-    """The :class:`PackedDataset` of this rank for ``config`` (stage task, budget, dropout, stream)."""
+def build_dataset(config, processor, rank: int, world_size: int, latent_cache=None):
+    """The :class:`PackedDataset` of this rank for ``config`` (stage task, budget, dropout, stream).
+
+    ``latent_cache`` (a :class:`~unibrain_hf.data.latent_cache.LatentCache`) is looked up for every pack.
+    """
     from ..data.packed_dataset import PackedDataset, TokenBudget
     from ..data.radgenome import load_radgenome, resolve_parquet_files, split_subjects
     from ..data.sequence_builder import build_recon_sample, build_unified_sample
@@ -36,7 +39,7 @@ def build_dataset(config, processor, rank: int, world_size: int):
     rows = load_radgenome(data.path, split=data.split, streaming=True, decode=False)
     return PackedDataset(rows, task=task, processor=processor, dropout=dropout, budget=budget,
                          seed=config.train.data_seed, num_epochs=data.num_epochs, rank=rank, world_size=world_size,
-                         stream_shuffle_buffer=data.stream_shuffle_buffer)
+                         stream_shuffle_buffer=data.stream_shuffle_buffer, latent_cache=latent_cache)
 
 
 def first_subjects(config):

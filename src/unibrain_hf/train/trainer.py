@@ -8,8 +8,10 @@ checkpoint's metadata compared with it) before anything is loaded or written; th
 data stream, the wrapped (possibly sharded) model, and, on the *prepared* parameters, the
 optimizer, LR schedule and EMA. :meth:`Trainer.train_step` runs one optimizer step:
 
-* each pack of the step (``train.packs_per_step`` per process) is VAE-encoded (posterior sampled,
-  no grad) and run through the stage's forward (:mod:`.stages`);
+* each pack of the step (``train.packs_per_step`` per process) gets its VAE latents (posterior
+  parameters read from the latent cache, ``data.latent_cache``, or encoded one image per call;
+  then sampled with the pack's generator, no grad) and runs through the stage's forward
+  (:mod:`.stages`), under autocast when ``train.mixed_precision`` asks (checked by :mod:`.precision`);
 * loss = CE + MSE as *global token means*: the token counts of the whole step are summed over
   ranks first, each pack contributes its token sums divided by them, times the world size
   (DDP and FSDP average gradients over ranks), so one process with N packs per step and N
@@ -112,9 +114,11 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------- components
-def load_components(config: TrainConfig):
-    """Model, VAE and tokenizer from ``model.pretrained`` (pipeline or model dir) or a preset."""
-    from diffusers import AutoencoderKL
+def load_components(config: TrainConfig, vae=None):
+    """Model, VAE and tokenizer from ``model.pretrained`` (pipeline or model dir) or a preset.
+
+    ``vae``: an already loaded VAE (the latent-cache check loads it first) instead of loading it again.
+    """
     from transformers import AutoTokenizer
 
     from ..modeling import UniBrainConfig, UniBrainForConditionalGeneration
@@ -133,12 +137,41 @@ def load_components(config: TrainConfig):
         model = UniBrainForConditionalGeneration(model_config)
     if section.weights:
         load_weights(model, Path(section.weights))
-    vae_dir = section.vae or str(pretrained / "vae")
     tokenizer_dir = section.tokenizer or str(pretrained / "tokenizer")
-    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae = vae if vae is not None else load_vae(config)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    vae.requires_grad_(False).eval()
     return model, vae, tokenizer
+
+
+def load_vae(config: TrainConfig):
+    """The frozen VAE (``model.vae``, else ``<model.pretrained>/vae``), in eval mode."""
+    from diffusers import AutoencoderKL
+
+    section = config.model
+    vae = AutoencoderKL.from_pretrained(section.vae or str(Path(section.pretrained) / "vae"))
+    return vae.requires_grad_(False).eval()
+
+
+def load_model_config(config: TrainConfig):
+    """The model's config alone (no weights): from ``model.pretrained`` (pipeline or model dir) or the preset."""
+    from ..modeling import UniBrainConfig
+
+    section = config.model
+    if section.pretrained:
+        path = Path(section.pretrained)
+        folder = path / "model" if (path / "model" / "config.json").exists() else path
+        return UniBrainConfig.from_pretrained(str(folder))
+    presets = {"tiny": UniBrainConfig.tiny, "bagel_7b_mot": UniBrainConfig.bagel_7b_mot}
+    return presets[config.model.preset](**config.model.preset_overrides)
+
+
+def open_latent_cache(config: TrainConfig, vae, model_config, create: bool = True, what: str = "data.latent_cache"):
+    """``data.latent_cache`` for this run's VAE and VAE image transform (stale caches raise before training)."""
+    from ..data.latent_cache import LatentCache
+    from ..processing.image_transforms import StrideResize
+
+    resize = StrideResize(config.data.vae_max_size, config.data.vae_min_size, model_config.latent_downsample)
+    return LatentCache.open(config.data.latent_cache, vae, resize, create=create, what=what)
 
 
 def load_weights(model, path: Path) -> None:
@@ -180,6 +213,11 @@ def _make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
+    from .precision import check_mixed_precision
+
+    # Before accelerate sees it: it would accept fp16 on a CPU and quietly train in fp32.
+    check_mixed_precision(config.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
+
     output_dir = Path(config.train.output_dir)
     log_with = "tensorboard" if _has_tensorboard() else None
     # Without an accelerator device, accelerate must be told to use the CPU: a process launched by
@@ -215,13 +253,17 @@ class Trainer:
 
         from ..modeling.checkpointing import enable_activation_checkpointing
         from ..processing.processor import UniBrainProcessor
+        from ..utils.threads import configure_threads
         from .data import build_dataset
         from .lora import resolve_lora
+        from .precision import check_mixed_precision
 
+        configure_threads(config.train.threads, what="train.threads")
         self.config = config
         self.progress = progress
         self.output_dir = Path(config.train.output_dir)
         self.accelerator = accelerator or _make_accelerator(config)
+        check_mixed_precision(self.accelerator.mixed_precision, self.accelerator.device)
         self.stage = STAGES[config.stage]
         # ---- checks: nothing has been loaded or written yet
         self.plan = plan_parallelism(self.accelerator, self.stage, config)
@@ -237,12 +279,23 @@ class Trainer:
             resume_state = inspect_checkpoint(path)
             check_compatible(resume_state, self.fingerprint, self.layout)
 
+        # A stale latent cache is refused before the model is loaded (only the VAE and configs are read).
+        vae, self.latent_cache = None, None
+        if config.data.latent_cache:
+            vae = load_vae(config)
+            with self.accelerator.main_process_first():  # rank 0 writes the manifest of a new cache
+                self.latent_cache = open_latent_cache(config, vae, load_model_config(config))
+
         # ---- components (the same seed on every rank: identical initial weights and adapters)
         set_seed(config.train.seed)
-        model, self.vae, self.tokenizer = load_components(config)
+        model, self.vae, self.tokenizer = load_components(config, vae=vae)
         self.stage.apply(model)
         if config.model.gradient_checkpointing:
             enable_activation_checkpointing(model)
+        if config.train.compile:
+            from .compile import compile_decoder
+
+            compile_decoder(model, self.accelerator.device)
         model = resolve_lora(model, config.lora)
         if config.lora.enabled:  # adapters follow the stage's predicate too (e.g. align: generation expert only)
             for name, parameter in model.named_parameters():
@@ -254,7 +307,12 @@ class Trainer:
         self.processor = UniBrainProcessor.for_model(
             base.config, self.tokenizer, vae_max_size=config.data.vae_max_size, vae_min_size=config.data.vae_min_size,
             vit_max_size=config.data.vit_max_size, vit_min_size=config.data.vit_min_size)
-        self.dataset = build_dataset(config, self.processor, self.plan.rank, self.plan.world_size)
+        if self.latent_cache is not None and self.latent_cache.manifest["transform"]["vae_resize"] != \
+                self.processor.vae_resize.to_dict():  # the model's stride disagrees with its config file
+            raise ConfigError(f"data.latent_cache {config.data.latent_cache}: the processor's VAE transform "
+                              f"{self.processor.vae_resize.to_dict()} differs from the one checked before loading")
+        self.dataset = build_dataset(config, self.processor, self.plan.rank, self.plan.world_size,
+                                     latent_cache=self.latent_cache)
 
         # ---- the wrapped model, then optimizer / schedule / EMA on its (possibly sharded) parameters
         train = config.train
@@ -302,8 +360,6 @@ class Trainer:
     # --------------------------------------------------------------------------------- one step
     def train_step(self, packs: list) -> dict:
         """One optimizer step over this rank's ``packs``; returns the step's global metrics."""
-        from ..modeling.vae import encode_latents
-
         accelerator, train = self.accelerator, self.config.train
         device, world = accelerator.device, self.plan.world_size
         started = time.perf_counter()
@@ -316,9 +372,7 @@ class Trainer:
             with gradient_sync(self.module, enabled=index == len(packs) - 1), \
                     torch.random.fork_rng(devices=devices):
                 torch.manual_seed(pack_seed(train.seed, batch))
-                with torch.no_grad():
-                    latents = encode_latents(self.vae, batch.padded_images.to(device)) \
-                        if batch.padded_images is not None else None
+                latents = self.latents(batch)
                 with accelerator.autocast():
                     output = self.module(batch, latents)
                 zero = torch.zeros((), device=device)
@@ -342,9 +396,23 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - started
         tokens = self._sum_over_ranks([sum(b.sequence_length for b in packs)])[0]
-        return {"step": self.step, "loss": loss, "ce": ce if ce_total else None, "mse": mse if mse_total else None,
-                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                "tokens_per_second": tokens / max(elapsed, 1e-9)}
+        record = {"step": self.step, "loss": loss, "ce": ce if ce_total else None, "mse": mse if mse_total else None,
+                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  "tokens_per_second": tokens / max(elapsed, 1e-9)}
+        if self.latent_cache is not None:  # this rank's running totals (distinct images per pack)
+            record.update(latent_cache_hits=self.latent_cache.hits, latent_cache_misses=self.latent_cache.misses)
+        return record
+
+    @torch.no_grad()
+    def latents(self, batch) -> torch.Tensor | None:
+        """The pack's normalised VAE latents: posterior parameters (cached or encoded), then one ε draw."""
+        from ..data.latent_cache import pack_distributions, sample_latents
+
+        if batch.padded_images is None:
+            return None
+        mean, logvar = pack_distributions(self.vae, batch.padded_images.to(self.accelerator.device),
+                                          self.latent_cache, getattr(batch, "cached_latents", None))
+        return sample_latents(self.vae, mean, logvar)
 
     # --------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -523,4 +591,5 @@ def _active_parameters(model) -> int:
     return total - generation_expert
 
 
-__all__ = ["Trainer", "train", "TrainResult", "load_components", "load_weights", "build_scheduler", "pack_seed"]
+__all__ = ["Trainer", "train", "TrainResult", "load_components", "load_vae", "load_model_config", "open_latent_cache",
+           "load_weights", "build_scheduler", "pack_seed"]

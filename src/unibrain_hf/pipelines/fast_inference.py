@@ -26,23 +26,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InvalidInputError
+from ..utils.precision import cpu_bf16_support
 
 logger = logging.getLogger(__name__)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def cpu_bf16_support() -> str | None:
-    """The CPU feature that gives native bf16 matmuls ("amx_bf16", "avx512_bf16"), or None."""
-    cpu = getattr(torch, "cpu", None)
-    for name, probe in (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
-        check = getattr(cpu, probe, None)
-        try:
-            if check is not None and check():
-                return name
-        except RuntimeError:
-            continue
-    return None
 
 
 def bf16_fallback_reason(device) -> str | None:

@@ -20,24 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-
-
-def cpu_bf16_support() -> str | None:
-    """The CPU feature that gives native bf16 matmuls ("amx_bf16", "avx512_bf16"), or None."""
-    cpu = getattr(torch, "cpu", None)
-    for name, probe in (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
-        check = getattr(cpu, probe, None)
-        try:
-            if check is not None and check():
-                return name
-        except RuntimeError:
-            continue
-    try:  # older torch: oneDNN's own verdict
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return "mkldnn_bf16"
-    except (AttributeError, RuntimeError):
-        pass
-    return None
+from ..utils.precision import cpu_bf16_support
 
 
 def check_mixed_precision(mode: str, device: torch.device | str, what: str = "train.mixed_precision") -> None:

@@ -89,14 +89,12 @@ def test_stage_parameter_sets(train_workspace):
 
     model = UniBrainForConditionalGeneration.from_pretrained(train_workspace[2])
     align = set(configure_stage(model, "align"))
-    if not hasattr(model, "freeze_experts"):  # older models read the flag from their config
-        assert model.config.freeze_und
+    assert model.frozen_experts == {"und": True, "gen": False}  # stage 1 gradient-stops the understanding expert
     assert align and all(".gen." in n or n.startswith(("language_model.norm_gen", "time_embedder")) for n in align)
     assert "time_embedder.embedding.linear_1.weight" in align
     unified = set(configure_stage(model, "unified"))
     assert len(unified) == len(list(model.parameters()))
-    if not hasattr(model, "freeze_experts"):
-        assert not model.config.freeze_und
+    assert model.frozen_experts == {"und": False, "gen": False}
     dhs = set(configure_stage(model, "dhs"))
     assert not any(n.startswith(("vision_model", "connector", "vae2llm", "llm2vae")) for n in dhs)
     assert "lm_head.weight" in dhs and "language_model.layers.0.und.q_proj.weight" in dhs

@@ -19,7 +19,7 @@ is reproducible.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -103,6 +103,12 @@ class PackedBatch:
     @classmethod
     def stat_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls) if f.metadata["stat"])
+
+    def to(self, device) -> "PackedBatch":
+        """A copy whose model-input tensors are on ``device`` (the model does not move its inputs)."""
+        moved = {name: getattr(self, name).to(device) for name in self.model_input_names()
+                 if torch.is_tensor(getattr(self, name))}
+        return replace(self, **moved)
 
     def model_inputs(self, padded_latents: torch.Tensor | None = None) -> dict:
         """Keyword arguments for the model's training forward."""

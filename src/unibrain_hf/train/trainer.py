@@ -374,7 +374,7 @@ class Trainer:
                 torch.manual_seed(pack_seed(train.seed, batch))
                 latents = self.latents(batch)
                 with accelerator.autocast():
-                    output = self.module(batch, latents)
+                    output = self.module(batch.to(device), latents)
                 zero = torch.zeros((), device=device)
                 ce = output.ce_per_token.sum() / ce_total if output.ce_per_token is not None and ce_total else zero
                 mse = output.mse_per_element.mean(dim=-1).sum() / mse_total \

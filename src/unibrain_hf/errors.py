@@ -20,6 +20,10 @@ class InvalidInputError(UniBrainError, ValueError):
     """An argument value is unusable: wrong type, shape, dtype, range or combination."""
 
 
+class EvaluationInputError(InvalidInputError):
+    """A cohort, split or modality list that cannot be evaluated (the message says what is available)."""
+
+
 class ConfigError(UniBrainError, ValueError):
     """A configuration (model ``config.json``, training YAML, CLI flags) has a missing or invalid value."""
 
@@ -36,5 +40,5 @@ class UnsafeFileError(UniBrainError, ValueError):
     """A file format that can execute code when read (pickle: ``.bin``, ``.pt``, ``.ckpt``) was refused."""
 
 
-__all__ = ["UniBrainError", "InvalidInputError", "ConfigError", "InputFileNotFoundError", "CorruptFileError",
+__all__ = ["UniBrainError", "InvalidInputError", "EvaluationInputError", "ConfigError", "InputFileNotFoundError", "CorruptFileError",
            "UnsafeFileError"]

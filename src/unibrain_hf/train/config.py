@@ -67,6 +67,8 @@ class TrainSection:
     max_steps: int = 2000
     learning_rate: float = 2e-5
     warmup_steps: int = 200
+    lr_scheduler: str = "constant"  # constant | cosine | linear (after the linear warm-up)
+    min_lr_ratio: float = 0.0  # cosine / linear decay ends at learning_rate × min_lr_ratio
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-15
@@ -100,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"lora.preset must be 'und', 'gen' or 'both', got {self.lora.preset!r}")
         if self.train.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.train.mixed_precision!r}")
+        if self.train.lr_scheduler not in ("constant", "cosine", "linear"):
+            raise ValueError(f"train.lr_scheduler must be 'constant', 'cosine' or 'linear', got {self.train.lr_scheduler!r}")
         if self.train.max_steps < 1 or self.train.save_every < 1:
             raise ValueError("train.max_steps and train.save_every must be positive")
         if check_paths:

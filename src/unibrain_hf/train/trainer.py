@@ -138,8 +138,6 @@ def train(config: TrainConfig, resume: str | None = None, accelerator=None, max_
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
-    from transformers import get_constant_schedule_with_warmup
-
     from ..data.packed_dataset import packed_dataloader
     from ..modeling.checkpointing import enable_activation_checkpointing
     from ..modeling.vae import encode_latents
@@ -179,7 +177,7 @@ def train(config: TrainConfig, resume: str | None = None, accelerator=None, max_
     optimizer = torch.optim.AdamW([p for _, p in trainable], lr=config.train.learning_rate,
                                   betas=(config.train.beta1, config.train.beta2), eps=config.train.eps,
                                   weight_decay=config.train.weight_decay)
-    scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=config.train.warmup_steps)
+    scheduler = _lr_scheduler(optimizer, config.train)
     ema = ExponentialMovingAverage(trainable, config.train.ema_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     vae.to(accelerator.device)
@@ -284,6 +282,26 @@ def train(config: TrainConfig, resume: str | None = None, accelerator=None, max_
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir, step, losses, export_dir, stopped_early)
+
+
+def _lr_scheduler(optimizer, section):
+    """Linear warm-up, then constant or a cosine / linear decay to ``min_lr_ratio`` at ``max_steps``."""
+    import math
+
+    warmup, total, floor = section.warmup_steps, section.max_steps, section.min_lr_ratio
+    if section.lr_scheduler == "constant":
+        from transformers import get_constant_schedule_with_warmup
+
+        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if section.lr_scheduler == "cosine" else 1.0 - progress
+        return floor + (1.0 - floor) * decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _peak_flops(device) -> float | None:

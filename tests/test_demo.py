@@ -103,3 +103,22 @@ def test_loss_curves_have_a_trend_and_a_figure(tmp_path):
     path = plot_loss_curves(tmp_path / "curves.png", {"stage 2": steps, "stage 3": flat})
     with Image.open(path) as image:
         assert image.width > 600 and image.height > 300
+
+
+def test_fitted_vae_has_a_narrow_posterior_and_unit_variance_latents():
+    """The flow model predicts posterior *samples*: their noise must be small next to the signal."""
+    import torch
+
+    from unibrain_hf.train.bootstrap import VaeRecipe, _to_model_range, fit_vae
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((24, 16, 16)) * 255).astype(np.uint8)
+    vae = fit_vae(images, recipe=VaeRecipe(steps=3, downsample=4, base_channels=8, latent_noise=0.1),
+                  log=lambda *_: None)
+    with torch.no_grad():
+        posterior = vae.encode(_to_model_range(images)).latent_dist
+    scale = vae.config.scaling_factor
+    normalised_means = (posterior.mean - vae.config.shift_factor) * scale
+    assert normalised_means.std().item() == pytest.approx(1.0, rel=0.05)
+    assert (posterior.std * scale).max().item() == pytest.approx(0.1, rel=0.05)
+    assert posterior.mean.shape[-1] == 4  # 16 px / a 4x VAE

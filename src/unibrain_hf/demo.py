@@ -30,6 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+#: Each stage's losses, next to its run folder (read back by --reuse-stages).
+LOSSES_FILE = "losses.json"
+
+
 @dataclass(frozen=True)
 class DemoPlan:
     """The whole recipe. Sizes are the model's; ``*_steps`` are optimiser steps; ``*_lr`` peak learning rates."""
@@ -47,6 +51,7 @@ class DemoPlan:
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
+    velocity_head_std: float = 0.0  # initial std of the llm2vae head (0: the initializer range, 0.02)
     # the three stages
     align_steps: int = 300
     align_lr: float = 1e-3
@@ -57,11 +62,19 @@ class DemoPlan:
     lr_scheduler: str = "cosine"
     min_lr_ratio: float = 0.1
     tokens_per_step: int = 1024
+    vit_dropout: float = 0.3  # condition dropout of stages 2-3 (what classifier-free guidance learns from)
+    vae_dropout: float = 0.3
+    mse_weight: float = 1.0
     # evaluation
     eval_subjects: int = 0  # 0: every eligible subject of the split
     inference_steps: int = 10
     max_new_tokens: int = 96
     targets: str = "t2w,t2f"
+    guidance_scale: float = 3.0  # the pipeline's defaults (the reference's)
+    image_guidance_scale: float = 1.2
+    timestep_shift: float = 0.0  # 0: the pipeline's default for the task
+    think: str = "auto"  # auto (the pipeline's default: think in the unified task) | on | off
+    target_names: str = ""  # e.g. "t2w=T2w": how the unified instructions name a target (default its code)
 
     def replace(self, assignments: list[str]) -> "DemoPlan":
         """A copy with ``field=value`` assignments applied (values converted to the field's type)."""
@@ -99,6 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split scored by the report (tune recipes on val; default test)")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="FIELD=VALUE",
                         help="change one field of the recipe (see DemoPlan), e.g. --set unified_steps=2000")
+    parser.add_argument("--reuse-stages", action="store_true",
+                        help="reuse the stages already trained under --out (same recipe) and only evaluate; "
+                             "for evaluation-setting ablations")
 
 
 class PhaseClock:
@@ -140,7 +156,10 @@ def stage_config(stage: str, out: Path, init: Path, cohort: Path, steps: int, le
               f"train.save_every={max(steps, 1)}", f"train.warmup_steps={max(1, steps // 20)}",
               f"train.learning_rate={learning_rate}", f"train.lr_scheduler={plan.lr_scheduler}",
               f"train.min_lr_ratio={plan.min_lr_ratio}", "train.ema_decay=0.95", "train.log_every=10",
+              f"train.mse_weight={plan.mse_weight}",
               f"train.output_dir={out / stage}", f"train.seed={seed}", f"train.data_seed={seed + 1}"]
+    if stage != "align":  # stage 1 keeps the reference's condition dropout
+        values += [f"data.vit_dropout={plan.vit_dropout}", f"data.vae_dropout={plan.vae_dropout}"]
     if weights is not None:
         values.append(f"model.weights={weights}")
     return load_config(None, values)
@@ -181,28 +200,39 @@ def run(args) -> int:
                            learning_rate=plan.vae_lr)
         bootstrap_pipeline(cohort, init, image_size=plan.image_size, hidden_size=plan.hidden_size,
                            layers=plan.layers, heads=plan.heads, kv_heads=plan.kv_heads, seed=args.seed, vae=recipe,
-                           latent_patch_size=plan.latent_patch_size, progress=True)
+                           latent_patch_size=plan.latent_patch_size, progress=True,
+                           velocity_head_std=plan.velocity_head_std or None)
     clock.done("bootstrap")
     runs = out / "runs"
-    align = train(stage_config("align", runs, init, cohort, plan.align_steps, plan.align_lr, plan, seed=args.seed),
-                  progress=True)
-    clock.done("stage 1 (align)")
-    align_weights = runs / "align" / "checkpoints" / f"step-{align.steps:07d}" / "model.safetensors"
-    unified = train(stage_config("unified", runs, init, cohort, plan.unified_steps, plan.unified_lr, plan,
-                                 weights=align_weights, seed=args.seed), progress=True)
-    clock.done("stage 2 (unified)")
-    dhs = train(stage_config("dhs", runs, unified.export_dir, cohort, plan.dhs_steps, plan.dhs_lr, plan,
-                             seed=args.seed), progress=True)
-    clock.done("stage 3 (dhs)")
+
+    def stage(name, title, config):
+        """Train one stage (or, with --reuse-stages, take the one trained before) → (pipeline dir, steps, losses)."""
+        folder = runs / name
+        if args.reuse_stages and (folder / "pipeline" / "model_index.json").exists():
+            record = json.loads((folder / LOSSES_FILE).read_text())
+            clock.done(f"{title} (reused)")
+            return folder / "pipeline", record["steps"], record["losses"]
+        result = train(config, progress=True)
+        (folder / LOSSES_FILE).write_text(json.dumps({"steps": result.steps, "losses": result.losses}))
+        clock.done(title)
+        return result.export_dir, result.steps, result.losses
+
+    _, align_steps, align_losses = stage("align", "stage 1 (align)", stage_config(
+        "align", runs, init, cohort, plan.align_steps, plan.align_lr, plan, seed=args.seed))
+    align_weights = runs / "align" / "checkpoints" / f"step-{align_steps:07d}" / "model.safetensors"
+    unified_dir, _, unified_losses = stage("unified", "stage 2 (unified)", stage_config(
+        "unified", runs, init, cohort, plan.unified_steps, plan.unified_lr, plan, weights=align_weights,
+        seed=args.seed))
+    dhs_dir, _, dhs_losses = stage("dhs", "stage 3 (dhs)", stage_config(
+        "dhs", runs, unified_dir, cohort, plan.dhs_steps, plan.dhs_lr, plan, seed=args.seed))
 
     from .demo_report import evaluate_demo, write_demo_report
 
     report = out / "report"
     report.mkdir(exist_ok=True)
-    results = evaluate_demo(dhs.export_dir, unified.export_dir, cohort, report, plan, split=args.eval_split,
-                            seed=args.seed)
+    results = evaluate_demo(dhs_dir, unified_dir, cohort, report, plan, split=args.eval_split, seed=args.seed)
     clock.done("evaluation")
-    losses = {"stage 1 (align)": align.losses, "stage 2 (unified)": unified.losses, "stage 3 (dhs)": dhs.losses}
+    losses = {"stage 1 (align)": align_losses, "stage 2 (unified)": unified_losses, "stage 3 (dhs)": dhs_losses}
     summary = write_demo_report(report, results, plan, losses, init, clock, vars(args))
     print(f"[demo] report written to {report / 'summary.md'} (total {clock.totals()['wall_s']:.0f} s wall, "
           f"{clock.totals()['cpu_s']:.0f} s CPU)")

@@ -41,8 +41,14 @@ def evaluate_demo(dhs_dir: Path, stage2_dir: Path, cohort: Path, report: Path, p
     # The upper bound gets every sequence all of these subjects have.
     everything = [code for code in ALL_SEQUENCES if all(code in index.subjects[s] for s in subjects)]
     common = dict(split=split, seed=seed, subjects=subjects)
+    guidance = dict(guidance_scale=plan.guidance_scale, image_guidance_scale=plan.image_guidance_scale)
+    if plan.timestep_shift > 0:
+        guidance["timestep_shift"] = plan.timestep_shift
+    if plan.think != "auto":
+        guidance["think"] = plan.think == "on"
+    names = dict(item.split("=", 1) for item in plan.target_names.split(",") if "=" in item)
     unified = dict(modalities_in=["t1n"], modalities_out=targets, num_inference_steps=plan.inference_steps,
-                   max_new_tokens=plan.max_new_tokens)
+                   max_new_tokens=plan.max_new_tokens, target_names=names or None, **guidance)
     results = {"split": split, "subjects": subjects, "targets": targets, "all_sequences": everything}
     pipe = _load(UniBrainPipeline, dhs_dir)
     results["unified"] = evaluate_unified(pipe, cohort, out_dir=report / "unified_dhs", **unified, **common)

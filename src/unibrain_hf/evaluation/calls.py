@@ -20,6 +20,8 @@ pipeline's call API touches this file only. What is relied on:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -50,16 +52,23 @@ def reference_ensemble(samples: list[np.ndarray], rgb: bool = True) -> np.ndarra
 
 
 def impute_slice(pipe, inputs: dict[str, np.ndarray], targets: list[str], generator: torch.Generator,
-                 num_inference_steps: int, task: str = "generation", **settings):
+                 num_inference_steps: int, task: str = "generation", target_names: dict | None = None,
+                 **settings):
     """One call of the pipeline on 2-D uint8 slices → (``{target: (H, W, 3) uint8}``, the raw output).
 
     The inputs are given as RGB so that the outputs are RGB too: an ensemble of several calls then
-    averages RGB first, as the reference does (:func:`reference_ensemble`).
+    averages RGB first, as the reference does (:func:`reference_ensemble`). ``target_names`` maps a
+    target code to the name the prompts use for it (default: the code itself, as the reference).
     """
-    output = pipe(images={code: as_rgb(image) for code, image in inputs.items()}, target_modalities=list(targets),
-                  task=task, num_inference_steps=num_inference_steps, generator=generator, output_type="pil",
-                  **settings)
-    return {target: np.asarray(output.images[target], dtype=np.uint8) for target in targets}, output
+    names = {target: (target_names or {}).get(target, target) for target in targets}
+    output = pipe(images={code: as_rgb(image) for code, image in inputs.items()},
+                  target_modalities=[names[t] for t in targets], task=task, num_inference_steps=num_inference_steps,
+                  generator=generator, output_type="pil", **settings)
+    if names != {t: t for t in targets} and dataclasses.is_dataclass(output):
+        # Report the reasoning under the target codes, like the images.
+        output = dataclasses.replace(output, thinking={code: output.thinking[name] for code, name in names.items()
+                                                       if name in (output.thinking or {})})
+    return {target: np.asarray(output.images[names[target]], dtype=np.uint8) for target in targets}, output
 
 
 def impute_volume(pipe, volumes: dict[str, np.ndarray], targets: list[str], generator: torch.Generator,

@@ -97,9 +97,9 @@ def accuracy_summary(per_subject: list[dict], index_train_ids: list[str] | None,
                "accuracy_interval": bootstrap_mean(correct).to_dict(),
                "reference_rule_accuracy": mean(float(r["reference_correct"]) for r in per_subject),
                "confusion": confusion_matrix(truths, [r["parsed_label"] for r in per_subject],
-                                             [w for w in rules.class_words if w in set(truths)]
-                                             + sorted({r["parsed_label"] for r in per_subject
-                                                       if r["parsed_label"] and r["parsed_label"] not in truths}))}
+                                             [w for w in rules.class_words if w in set(truths)],
+                                             [w for w in rules.class_words
+                                              if w in set(truths) | {r["parsed_label"] for r in per_subject}])}
     normals = [r for r in per_subject if r["ground_truth"] == NORMAL_CLASS]
     if normals:
         findings = [float(r["parsed_label"] not in (NORMAL_CLASS, None)) for r in normals]

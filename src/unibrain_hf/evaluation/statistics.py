@@ -69,15 +69,19 @@ def paired_difference(ours: Sequence[float], baseline: Sequence[float], **kwargs
     return bootstrap_mean(a - b, **kwargs)
 
 
-def confusion_matrix(truths: Sequence[str], predictions: Sequence[str | None], classes: Sequence[str]) -> dict:
-    """``{"classes": [...], "counts": rows = truth, columns = prediction}``; unparsed answers go to "(none)"."""
+def confusion_matrix(truths: Sequence[str], predictions: Sequence[str | None], classes: Sequence[str],
+                     predicted_classes: Sequence[str] | None = None) -> dict:
+    """``{"classes": rows (true classes), "columns": predicted classes + "(none)", "counts": [[...]]}``.
+
+    ``predicted_classes`` defaults to ``classes``; an answer naming none of them goes to "(none)".
+    """
     labels = list(classes)
-    columns = labels + ["(none)"]
+    columns = list(labels if predicted_classes is None else predicted_classes) + ["(none)"]
     counts = np.zeros((len(labels), len(columns)), dtype=int)
     for truth, prediction in zip(truths, predictions, strict=True):
         if truth not in labels:
             raise ValueError(f"true class {truth!r} is not one of {labels}")
-        column = columns.index(prediction) if prediction in labels else len(labels)
+        column = columns.index(prediction) if prediction in columns[:-1] else len(columns) - 1
         counts[labels.index(truth), column] += 1
     return {"classes": labels, "columns": columns, "counts": counts.tolist()}
 

@@ -421,7 +421,7 @@ def constant_impression_baseline(index: CohortIndex, references: list[str]) -> d
 def evaluate_unified(pipe, cohort_dir, modalities_in, modalities_out, split: str = "test", rules=None,
                      max_new_tokens: int | None = None, seed: int = 0, num_inference_steps: int = 10, out_dir=None,
                      max_subjects: int | None = None, progress: bool = True, subjects: list[str] | None = None,
-                     **pipeline_kwargs) -> UnifiedResult:
+                     target_names: dict | None = None, **pipeline_kwargs) -> UnifiedResult:
     """Impute ``modalities_out`` in order, then write an impression and a diagnosis, in one context (§8.3).
 
     Args as in :func:`evaluate_generation` (2-D, middle lesion slice, one sample) and
@@ -431,7 +431,10 @@ def evaluate_unified(pipe, cohort_dir, modalities_in, modalities_out, split: str
     Scores: diagnosis accuracy (final diagnosis line) with the best-constant and majority-class baselines;
     ROUGE-1/2/L of the generated impression against the subject's impression (ours) with a
     constant-impression baseline; PSNR/SSIM of the imputed images (ours; the reference does not score
-    images in this task) with the copy-input baseline and the VAE ceiling. ``out_dir`` gets
+    images in this task) with the copy-input baseline and the VAE ceiling. ``target_names`` maps a target
+    code to the name the instructions use (default the code, as the reference: "… into its t2w image."),
+    e.g. ``{"t2w": "T2w"}`` for a model trained only on the spellings of ``templates.MODALITY_SYNONYMS``,
+    which do not include "t2w". ``out_dir`` gets
     ``predictions.jsonl`` (thinking, impression, diagnosis per subject), panels,
     ``images/<subject>-<target>.png``, ``metrics.json`` and ``summary.md``.
     """
@@ -443,7 +446,7 @@ def evaluate_unified(pipe, cohort_dir, modalities_in, modalities_out, split: str
     settings = {"task": "unified", "cohort_dir": str(cohort_dir), "split": split, "mode": "2d",
                 "modalities_in": modalities_in, "modalities_out": modalities_out, "seed": seed,
                 "num_inference_steps": num_inference_steps, "max_new_tokens": max_new_tokens,
-                "max_subjects": max_subjects, "pipeline_kwargs": pipeline_kwargs}
+                "max_subjects": max_subjects, "target_names": target_names, "pipeline_kwargs": pipeline_kwargs}
 
     def score(record):
         scaled = scaled_volumes(record, [*modalities_in, *modalities_out])
@@ -452,8 +455,8 @@ def evaluate_unified(pipe, cohort_dir, modalities_in, modalities_out, split: str
         truths = {code: scaled[code][slice_index] for code in modalities_out}
         lesion = _lesion_mask(record, slice_index)
         rgb, output = calls.impute_slice(pipe, inputs, modalities_out, subject_generator(seed, record.subject_id),
-                                         num_inference_steps, task="unified", max_new_tokens=max_new_tokens,
-                                         **pipeline_kwargs)
+                                         num_inference_steps, task="unified", target_names=target_names,
+                                         max_new_tokens=max_new_tokens, **pipeline_kwargs)
         imputed = {t: reference_ensemble([rgb[t]]) for t in modalities_out}
         rouge = image_metrics.rouge_scores([output.impression], [record.impression])
         copy_source = inputs[modalities_in[0]]

@@ -39,6 +39,8 @@ class VaeRecipe:
 
     ``downsample`` is a power of two (FLUX: 8); the encoder then has log2(downsample) + 1 levels.
     The schedule is linear warm-up then cosine decay to ``min_lr_ratio`` × ``learning_rate``.
+    ``latent_noise`` is the posterior's standard deviation relative to the spread of the latent means
+    (see :func:`fit_vae`).
     """
 
     steps: int = 200
@@ -49,7 +51,7 @@ class VaeRecipe:
     learning_rate: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
-    kl_weight: float = 1e-6
+    latent_noise: float = 0.1
 
     def channel_multipliers(self) -> tuple[int, ...]:
         levels = int(round(math.log2(self.downsample)))
@@ -124,13 +126,20 @@ def _to_model_range(images: np.ndarray) -> torch.Tensor:
 
 
 def fit_vae(images: np.ndarray, steps: int = 200, batch_size: int = 8, base_channels: int = 16, seed: int = 0,
-            learning_rate: float = 1e-3, kl_weight: float = 1e-6, log=print, recipe: VaeRecipe | None = None,
-            progress: bool = False):
+            learning_rate: float = 1e-3, log=print, recipe: VaeRecipe | None = None, progress: bool = False):
     """Fit a small FLUX-shaped ``AutoencoderKL`` to reconstruct ``images`` (uint8 (N, H, W)).
 
+    The posterior has a *fixed, small* standard deviation: the decoder is trained on
+    ``mean + σ·ε`` with σ = ``latent_noise`` × the batch's spread of latent means, and after fitting
+    the encoder's log-variance output is set to that σ. UniBrain samples the posterior, in training
+    and at inference, and the flow model must predict those samples: a posterior as wide as the
+    latent signal (what a plain KL-regularised fit with a negligible KL weight drifts to on a small
+    budget) turns most of every latent into unpredictable noise, which caps the flow loss far above
+    zero and makes every generated image a blur. FLUX's own VAE has a narrow posterior too.
+
     ``recipe`` (a :class:`VaeRecipe`) overrides the keyword sizes. Returns the VAE with FLUX-style
-    latent normalisation (shift and scale so that latents have zero mean and unit variance) and its
-    loss history as ``vae.fit_losses``.
+    latent normalisation (shift and scale so that latent means have zero mean and unit variance)
+    and its loss history as ``vae.fit_losses``.
     """
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
@@ -139,7 +148,7 @@ def fit_vae(images: np.ndarray, steps: int = 200, batch_size: int = 8, base_chan
 
     if recipe is None:
         recipe = VaeRecipe(steps=steps, base_channels=base_channels, batch_size=batch_size,
-                           learning_rate=learning_rate, kl_weight=kl_weight)
+                           learning_rate=learning_rate)
     torch.manual_seed(seed)
     # FLUX's layout (16 latent channels, mid attention) at a width a CPU can fit in minutes.
     vae = AutoencoderKL(**flux_vae_config(recipe.base_channels, recipe.channel_multipliers(), 1,
@@ -154,9 +163,11 @@ def fit_vae(images: np.ndarray, steps: int = 200, batch_size: int = 8, base_chan
     bar = tqdm(total=recipe.steps, desc="vae fit", unit="step", disable=not progress)
     for step in range(recipe.steps):
         batch = data[torch.randint(0, data.shape[0], (recipe.batch_size,), generator=generator)]
-        posterior = vae.encode(batch).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
-        loss = torch.nn.functional.mse_loss(reconstruction, batch) + recipe.kl_weight * posterior.kl().mean()
+        mean = vae.encode(batch).latent_dist.mean
+        sigma = recipe.latent_noise * mean.detach().std()
+        noise = torch.randn(mean.shape, generator=generator)
+        reconstruction = vae.decode(mean + sigma * noise).sample
+        loss = torch.nn.functional.mse_loss(reconstruction, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -167,11 +178,19 @@ def fit_vae(images: np.ndarray, steps: int = 200, batch_size: int = 8, base_chan
         if not progress and (step % 100 == 0 or step == recipe.steps - 1):
             log(f"vae step {step}: loss {loss.item():.4f}")
     bar.close()
-    # Normalise latents to unit variance like FLUX's scale/shift do for its own VAE.
+    # Normalise latents to unit variance like FLUX's scale/shift do for its own VAE, from a spread-out
+    # sample of the slices (the array is ordered by subject).
     vae.eval()
+    sample = data[torch.linspace(0, len(data) - 1, min(len(data), 256)).long()]
     with torch.no_grad():
-        means = torch.cat([vae.encode(data[i:i + 64]).latent_dist.mean for i in range(0, min(len(data), 256), 64)])
-    vae.register_to_config(shift_factor=float(means.mean()), scaling_factor=float(1.0 / means.std()))
+        means = torch.cat([vae.encode(sample[i:i + 64]).latent_dist.mean for i in range(0, len(sample), 64)])
+        spread = means.std()
+        # Fix the posterior's log-variance to the noise the decoder was trained with (see above).
+        conv_out = vae.encoder.conv_out
+        channels = recipe.latent_channels
+        conv_out.weight[channels:].zero_()
+        conv_out.bias[channels:].fill_(float(2.0 * torch.log(recipe.latent_noise * spread)))
+    vae.register_to_config(shift_factor=float(means.mean()), scaling_factor=float(1.0 / spread))
     vae.fit_losses = losses
     return vae
 
@@ -214,8 +233,13 @@ def reconstruction_scores(vae, slices: list[np.ndarray], image_size: int, stride
 def build_model(tokenizer, hidden_size: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                 vit_hidden: int = 64, vit_layers: int = 2, max_image_size: int = 128, seed: int = 0,
                 vae_downsample: int = 8, latent_patch_size: int = 2, latent_channels: int = 16,
-                intermediate_size: int | None = None):
-    """A randomly initialised UniBrain model; the latent geometry must match the VAE it will be used with."""
+                intermediate_size: int | None = None, velocity_head_std: float | None = None):
+    """A randomly initialised UniBrain model; the latent geometry must match the VAE it will be used with.
+
+    ``velocity_head_std`` is the initial standard deviation of ``llm2vae`` (default: the text config's
+    ``initializer_range``); ``1/sqrt(hidden_size)`` makes a unit-RMS hidden state give unit-scale
+    velocities, the scale a pretrained head has.
+    """
     from transformers import Qwen2Config, SiglipVisionConfig
 
     from ..modeling import UniBrainConfig, UniBrainForConditionalGeneration
@@ -239,7 +263,7 @@ def build_model(tokenizer, hidden_size: int = 128, layers: int = 4, heads: int =
     # A fresh BAGEL build zero-initialises the velocity head; its checkpoints have a trained one.
     # Stage 1 freezes llm2vae, so a zero head would make self-alignment unable to learn at all.
     with torch.no_grad():
-        model.llm2vae.weight.normal_(0.0, config.text_config.initializer_range)
+        model.llm2vae.weight.normal_(0.0, velocity_head_std or config.text_config.initializer_range)
     return model
 
 
@@ -247,7 +271,7 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
                        layers: int = 4, vae_steps: int = 200, vocab_size: int = 1024, seed: int = 0,
                        log=print, vae: VaeRecipe | None = None, latent_patch_size: int = 2, heads: int = 4,
                        kv_heads: int = 2, intermediate_size: int | None = None, progress: bool = False,
-                       slices_per_sequence: int = 6) -> Path:
+                       slices_per_sequence: int = 6, velocity_head_std: float | None = None) -> Path:
     """Write a starting pipeline directory (model / vae / tokenizer / processor / scheduler) to ``out_dir``.
 
     ``vae`` (a :class:`VaeRecipe`) sets the VAE's size and fit (default: ``vae_steps`` steps of FLUX's
@@ -278,7 +302,7 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
     model = build_model(tokenizer, hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads,
                         max_image_size=image_size * 2, seed=seed, vae_downsample=recipe.downsample,
                         latent_patch_size=latent_patch_size, latent_channels=recipe.latent_channels,
-                        intermediate_size=intermediate_size)
+                        intermediate_size=intermediate_size, velocity_head_std=velocity_head_std)
     # The minimum VAE size equals the training slice size, so that inference pads a smaller slice to
     # the same square canvas the model was trained on (as UniBrain pads 240² slices to 256²).
     processor = UniBrainProcessor.for_model(model.config, tokenizer, vae_max_size=image_size,

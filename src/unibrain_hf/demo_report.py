@@ -60,7 +60,47 @@ def evaluate_demo(dhs_dir: Path, stage2_dir: Path, cohort: Path, report: Path, p
     stage2 = _load(UniBrainPipeline, stage2_dir)
     results["unified_stage2"] = evaluate_unified(stage2, cohort, out_dir=report / "unified_stage2", **unified,
                                                  **common)
+    results["lookup_table"] = lookup_table_baseline(cohort, split, subjects, "t1n", targets)
     return results
+
+
+def lookup_table_baseline(cohort: Path, split: str, subjects: list[str], source: str, targets: list[str]) -> dict:
+    """A non-learned-but-fitted reference: map each source intensity to the mean target intensity.
+
+    The table (256 entries per target) is fitted on every voxel of the training split's subjects that
+    have the source and the target, and applied pixel by pixel to the scored slice. It preserves the
+    anatomy exactly and only changes contrast, so it shows what a purely local contrast mapping can
+    score. Returns ``{"per_subject": {subject: {target: {"psnr", "ssim"}}}, "per_target": means}``.
+    """
+    from .data.radgenome import iter_subject_records
+    from .evaluation.cohort import evaluation_slice_index, scaled_volumes
+    from .evaluation.metrics import psnr, ssim
+
+    sums = {t: np.zeros(256) for t in targets}
+    counts = {t: np.zeros(256) for t in targets}
+    for record in iter_subject_records(cohort, split="train"):
+        available = [t for t in targets if t in record.volumes]
+        if source not in record.volumes or not available:
+            continue
+        volumes = scaled_volumes(record, [source, *available])
+        values = volumes[source].ravel()
+        for target in available:
+            counts[target] += np.bincount(values, minlength=256)
+            sums[target] += np.bincount(values, weights=volumes[target].ravel(), minlength=256)
+    tables = {t: np.round(sums[t] / np.maximum(counts[t], 1)).astype(np.uint8) for t in targets}
+    wanted, per_subject = set(subjects), {}
+    for record in iter_subject_records(cohort, split=split):
+        if record.subject_id in wanted:
+            volumes = scaled_volumes(record, [source, *targets])
+            index = evaluation_slice_index(record)
+            per_subject[record.subject_id] = {}
+            for target in targets:
+                predicted = tables[target][volumes[source][index]]
+                per_subject[record.subject_id][target] = {"psnr": psnr(volumes[target][index], predicted),
+                                                          "ssim": ssim(volumes[target][index], predicted)}
+    per_target = {t: {m: float(np.mean([per_subject[s][t][m] for s in subjects])) for m in ("psnr", "ssim")}
+                  for t in targets}
+    return {"per_subject": per_subject, "per_target": per_target}
 
 
 def _load(cls, directory):
@@ -91,8 +131,16 @@ def comparisons(results: dict) -> dict:
     _check_same_subjects(unified, stage2, t1n, everything)
     targets = results["targets"]
     out: dict = {"imputation": {}, "dhs_vs_stage2": {}, "diagnosis": {}}
+    lookup = results.get("lookup_table")
+    out["vs_lookup_table"] = {}
     for target in targets:
         out["imputation"][target] = unified.comparisons["imputed_vs_copy_input"][target]
+        if lookup is not None:
+            out["vs_lookup_table"][target] = {
+                metric: paired_difference(image_series(unified.per_subject, "imputed", target, metric),
+                                          [lookup["per_subject"][s][target][metric]
+                                           for s in [r["subject_id"] for r in unified.per_subject]]).to_dict()
+                for metric in ("psnr", "ssim")}
         out["dhs_vs_stage2"][target] = {
             metric: paired_difference(image_series(unified.per_subject, "imputed", target, metric),
                                       image_series(stage2.per_subject, "imputed", target, metric)).to_dict()
@@ -153,6 +201,13 @@ def imputation_table(results: dict, compared: dict) -> str:
                      "VAE ceiling PSNR / SSIM": f"{ceiling[target]['psnr']:.2f} / {ceiling[target]['ssim']:.3f}"
                      if target in ceiling else "",
                      "lesion-region Δ PSNR [95% CI]": interval_text(lesion.get(target))})
+        lookup = results.get("lookup_table")
+        if lookup is not None:
+            versus = compared["vs_lookup_table"][target]
+            rows[-1]["intensity lookup PSNR / SSIM"] = (f"{lookup['per_target'][target]['psnr']:.2f} / "
+                                                        f"{lookup['per_target'][target]['ssim']:.3f}")
+            rows[-1]["ours − lookup Δ PSNR / Δ SSIM"] = (f"{interval_text(versus['psnr'])}; "
+                                                        f"{interval_text(versus['ssim'], 3)}")
     return markdown_table(rows, list(rows[0]))
 
 

@@ -87,7 +87,15 @@ def test_generation_2d_writes_metrics_panels_and_images(generation_run):
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved) >= {"task", "settings", "metrics", "baselines", "per_subject", "skipped", "notes"}
     summary = (out / "summary.md").read_text()
-    assert "UniBrain (imputed)" in summary and "copy input (t1n)" in summary
+    assert "UniBrain PSNR" in summary and "copy input (t1n)" in summary and "VAE ceiling" in summary
+    _image_block_ok(result.baselines["vae_ceiling"], ["t2f", "t2w"])
+    for target in ("t2f", "t2w"):
+        for metric in ("psnr", "ssim"):
+            interval = result.comparisons["imputed_vs_copy_input"][target][metric]
+            assert interval["n"] == 2 and interval["low"] <= interval["mean"] <= interval["high"]
+            ours = np.mean([r["imputed"][target][metric] for r in result.per_subject])
+            copy = np.mean([r["copy_input"][target][metric] for r in result.per_subject])
+            assert interval["mean"] == pytest.approx(ours - copy)
     for record in result.per_subject:
         for target in ("t2f", "t2w"):
             assert (out / "panels" / f"{record['subject_id']}_{target}.png").is_file()
@@ -169,7 +177,10 @@ def test_generation_3d_writes_nifti_with_the_input_geometry(pipe, cohort_dir, tm
 def test_diagnosis_accuracy_baseline_and_predictions(pipe, cohort_dir, tmp_path):
     result = evaluate_diagnosis(pipe, cohort_dir, ["t1n", "t2f"], max_new_tokens=TOKENS, out_dir=tmp_path,
                                 progress=False)
-    assert set(result.metrics) >= {"accuracy", "correct", "num_subjects", "parsed_label_accuracy"}
+    assert set(result.metrics) >= {"accuracy", "correct", "num_subjects", "reference_rule_accuracy", "confusion"}
+    assert all(r["correct"] == (r["parsed_label"] == r["ground_truth"]) for r in result.per_subject)
+    assert sum(map(sum, result.metrics["confusion"]["counts"])) == 2
+    assert result.baselines["best_constant"]["accuracy"] == 0.5  # one Gli, one Mening
     assert 0 <= result.metrics["accuracy"] <= 1 and result.metrics["num_subjects"] == 2
     baseline = result.baselines["majority_class"]
     assert baseline["class"] and baseline["train_subjects"] > 0 and 0 <= baseline["accuracy"] <= 1
@@ -199,7 +210,9 @@ def test_unified_scores_text_images_and_baselines(pipe, cohort_dir, tmp_path):
     for key in ("accuracy", "rouge1", "rouge2", "rougeL"):
         assert _finite(result.metrics[key]) and 0 <= result.metrics[key] <= 1
     _image_block_ok(result.metrics["images"], ["t2f", "t2w"])
-    assert set(result.baselines) == {"majority_class", "constant_impression", "copy_input"}
+    assert set(result.baselines) == {"majority_class", "best_constant", "constant_impression", "copy_input",
+                                     "vae_ceiling"}
+    assert "rougeL_vs_constant_impression" in result.comparisons
     constant = result.baselines["constant_impression"]
     assert constant["text"] and all(_finite(constant[k]) for k in ("rouge1", "rouge2", "rougeL"))
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]

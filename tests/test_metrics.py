@@ -229,6 +229,20 @@ def test_parse_diagnosis_label():
         parse_diagnosis_label("text", class_words="Gli")
 
 
+def test_parse_reads_the_final_diagnosis_line_not_the_impression():
+    # A normal subject's answer that describes white-matter lesions: the substring rule finds "normal" inside
+    # "abnormal" and scores it correct; the final diagnosis line says what the model diagnosed.
+    text = ("Impression: Abnormal periventricular FLAIR hyperintensities, Fazekas grade 2.\n"
+            "Final Diagnosis: White matter degeneration")
+    assert is_correct("Normal", text)  # the reference's rule: wrongly "correct"
+    assert parse_diagnosis_label(text) == "Degeneration"
+    assert score_diagnoses(["PHANTOM-NOR-00001"], [text])[0]["parsed_label"] == "Degeneration"
+    # The last marker wins; text after it on later lines is ignored; without a marker the last line counts.
+    assert parse_diagnosis_label("Final Diagnosis: Glioblastoma\nFinal diagnosis: Meningioma\nNo glioma.") == "Mening"
+    assert parse_diagnosis_label("Impression: a ring-enhancing mass.\nMetastatic tumor") == "Meta"
+    assert parse_diagnosis_label("Impression: glioblastoma-like mass.\nFinal Diagnosis:") is None
+
+
 def test_majority_class_baseline():
     train = ["BraTS-GLI-1", "BraTS-GLI-2", "BraTS-GLI-3", "BraTS-MEN-1"]
     test = ["BraTS-GLI-9", "BraTS-GLI-8", "BraTS-MET-1", "BraTS-MEN-2"]
@@ -304,3 +318,37 @@ def test_load_metric_rejects_unknown_names():
 
     with pytest.raises(ValueError, match="unknown metric"):
         load_metric("rouge")
+
+
+# --------------------------------------------------------------------------- intervals and confusion
+
+
+def test_paired_bootstrap_interval_is_the_mean_difference_and_can_exclude_zero():
+    from unibrain_hf.evaluation.statistics import bootstrap_mean, paired_difference
+
+    rng = np.random.default_rng(1)
+    baseline = rng.normal(15.0, 2.0, size=40)
+    ours = baseline + 1.0 + rng.normal(0.0, 0.5, size=40)  # a consistent +1 dB gain
+    interval = paired_difference(ours, baseline)
+    assert interval.mean == pytest.approx(float(np.mean(ours - baseline)))
+    assert interval.low < interval.mean < interval.high and interval.excludes_zero and interval.n == 40
+    assert 0.6 < interval.low and interval.high < 1.4
+    # An unpaired reading of the same numbers would be much wider; pure noise straddles zero.
+    noise = paired_difference(baseline + rng.normal(0.0, 1.0, size=40), baseline)
+    assert noise.low < 0 < noise.high and not noise.excludes_zero
+    assert paired_difference(ours, baseline) == interval  # fixed seed: the report repeats exactly
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_difference([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        bootstrap_mean([1.0, math.inf])
+
+
+def test_confusion_matrix_and_best_constant_answer():
+    from unibrain_hf.evaluation.statistics import best_constant_answer, confusion_matrix
+
+    truths = ["Gli", "Gli", "Mening", "Normal"]
+    predictions = ["Gli", "Mening", None, "Gli"]
+    confusion = confusion_matrix(truths, predictions, ["Gli", "Mening", "Normal"])
+    assert confusion["columns"] == ["Gli", "Mening", "Normal", "(none)"]
+    assert confusion["counts"] == [[1, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
+    assert best_constant_answer(truths) == ("Gli", 0.5)

@@ -136,6 +136,23 @@ def test_acute_stroke_is_bright_on_dwi_and_dark_on_adc():
     assert 500 < np.median(adc[healthy]) < 1100  # 1e-6 mm^2/s, like clinical ADC maps
 
 
+@pytest.mark.parametrize("seed", range(16))
+def test_every_acute_infarct_is_dark_on_adc_over_its_whole_mask(seed):
+    """The report calls every infarct restricted diffusion: over *all* labelled voxels (partial-volume edges
+    included) and on the slice the evaluation scores, the lesion's ADC is well below normal parenchyma's."""
+    from unibrain_hf.data.intensity import middle_lesion_slice
+
+    s = subject(0, seed, lesion_class="stroke")
+    adc, mask = s.record.volumes["adc"], s.record.mask > 0
+    healthy = ((s.anatomy.gm + s.anatomy.wm) > 0.9) & ~mask
+    assert mask.sum() > 20
+    assert adc[mask].mean() < 0.8 * adc[healthy].mean(), f"lesion/tissue ADC {adc[mask].mean() / adc[healthy].mean():.2f}"
+    z = middle_lesion_slice(s.record.mask, adc.shape[0])
+    assert adc[z][mask[z]].mean() < 0.85 * adc[z][healthy[z]].mean()
+    report = " ".join([s.record.impression, *s.record.findings.values()]).lower()
+    assert "restricted diffusion" in report
+
+
 def test_white_matter_hyperintensities_are_bright_on_flair():
     s = class_subject("wmh")
     lesion, wm = s.record.mask == 1, normal_white_matter(s)

@@ -1,193 +1,259 @@
 """The main job: a synthetic cohort → a small UniBrain trained through all three stages → a report.
 
-    unibrain demo --out runs/demo            # ~20 minutes on 2 CPU cores
-    unibrain demo --out runs/demo --quick    # a few steps of everything (a smoke test, ~3 minutes)
+    unibrain demo --out runs/demo            # ~20 minutes of 2 CPU cores
+    unibrain demo --out runs/demo --quick    # a few steps of everything (a smoke test, ~2 minutes)
+    unibrain demo --out runs/abl --eval-split val --set unified_steps=2000   # an ablation, scored on val
 
 What it does, honestly: it generates a phantom cohort (physics-based multi-contrast MRI on real
 MNI152 anatomy with five lesion classes and templated reports), builds a *small* starting
 pipeline (a byte-level tokenizer and a small VAE fitted on the cohort, a randomly initialised
 MoT model of a few million parameters), trains it through UniBrain's three stages on CPU —
 self-alignment, unified imputation + reasoning, dynamic-hidden-state self-forcing — and
-evaluates it on held-out subjects. It demonstrates the whole system end to end; the numbers
+evaluates it on held-out subjects with paired bootstrap intervals against baselines
+(:mod:`unibrain_hf.demo_report`). It demonstrates the whole system end to end; the numbers
 say nothing about the 14B model on real data. The same stages with ``configs/bagel_*.yaml``
 reproduce the paper's setting on GPUs.
+
+Every knob of the recipe is a field of :class:`DemoPlan`; ``--set field=value`` changes one
+(recorded in ``report/demo.json``), and ``--eval-split val`` scores the validation split, which is
+the only split recipes are tuned on. Each phase's CPU time is recorded next to its wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 
+#: Each stage's losses, next to its run folder (read back by --reuse-stages).
+LOSSES_FILE = "losses.json"
+
+
 @dataclass(frozen=True)
 class DemoPlan:
-    subjects: int
-    voxel_size: float
-    vae_steps: int
-    hidden_size: int
-    layers: int
-    align_steps: int
-    unified_steps: int
-    dhs_steps: int
-    eval_subjects: int
-    inference_steps: int
+    """The whole recipe. Sizes are the model's; ``*_steps`` are optimiser steps; ``*_lr`` peak learning rates."""
+
+    subjects: int = 400
+    voxel_size: float = 4.0
+    image_size: int = 64
+    # bootstrap: the VAE (its reconstruction is the ceiling of every imputation) and the model's latent geometry
+    vae_steps: int = 1500
+    vae_downsample: int = 4
+    vae_channels: int = 16
+    vae_lr: float = 2e-3
+    latent_patch_size: int = 2
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    velocity_head_std: float = 0.0  # initial std of the llm2vae head (0: the initializer range, 0.02)
+    # the three stages
+    align_steps: int = 300
+    align_lr: float = 1e-3
+    unified_steps: int = 3000
+    unified_lr: float = 8e-4
+    dhs_steps: int = 250
+    dhs_lr: float = 2e-4
+    lr_scheduler: str = "cosine"
+    min_lr_ratio: float = 0.1
+    tokens_per_step: int = 1024
+    # Condition dropout of stages 2-3 (what classifier-free guidance learns from). 0.1 rather than the
+    # reference's 0.3, and no guidance below: at this scale both measured better on the validation
+    # split (docs/DEMO_RUN.md, ablations).
+    vit_dropout: float = 0.1
+    vae_dropout: float = 0.1
+    mse_weight: float = 1.0
+    # evaluation
+    eval_subjects: int = 0  # 0: every eligible subject of the split
+    inference_steps: int = 10
+    max_new_tokens: int = 96
+    targets: str = "t2w,t2f"
+    guidance_scale: float = 1.0  # the pipeline's defaults (the reference's) are 3.0 and 1.2
+    image_guidance_scale: float = 1.0
+    timestep_shift: float = 0.0  # 0: the pipeline's default for the task
+    think: str = "auto"  # auto (the pipeline's default: think in the unified task) | on | off
+    target_names: str = ""  # e.g. "t2w=T2w": how the unified instructions name a target (default its code)
+
+    def replace(self, assignments: list[str]) -> "DemoPlan":
+        """A copy with ``field=value`` assignments applied (values converted to the field's type)."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes = {}
+        for assignment in assignments:
+            name, _, text = assignment.partition("=")
+            if name not in fields or not _:
+                raise SystemExit(f"unibrain demo: error: --set {assignment!r}: expected FIELD=VALUE with FIELD one "
+                                 f"of {', '.join(fields)}")
+            kind = type(getattr(self, name))
+            try:
+                changes[name] = kind(float(text)) if kind is int else kind(text)
+            except ValueError:
+                raise SystemExit(f"unibrain demo: error: --set {assignment!r}: {text!r} is not a {kind.__name__}")
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def target_list(self) -> list[str]:
+        return [code.strip() for code in self.targets.split(",") if code.strip()]
 
 
-FULL = DemoPlan(subjects=120, voxel_size=4.0, vae_steps=600, hidden_size=128, layers=4, align_steps=500,
-                unified_steps=4000, dhs_steps=250, eval_subjects=18, inference_steps=10)
-QUICK = DemoPlan(subjects=12, voxel_size=6.0, vae_steps=10, hidden_size=32, layers=2, align_steps=3,
-                 unified_steps=4, dhs_steps=2, eval_subjects=2, inference_steps=2)
+FULL = DemoPlan()
+QUICK = DemoPlan(subjects=24, voxel_size=6.0, image_size=48, vae_steps=10, hidden_size=32, layers=2,
+                 align_steps=3, unified_steps=4, dhs_steps=2, eval_subjects=2, inference_steps=2, max_new_tokens=8)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (cohort, runs, report)")
     parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="cohort and training seed")
+    parser.add_argument("--cohort", default=None, metavar="DIR",
+                        help="use this existing cohort instead of generating one under --out")
+    parser.add_argument("--eval-split", default="test", choices=("val", "test"),
+                        help="split scored by the report (tune recipes on val; default test)")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change one field of the recipe (see DemoPlan), e.g. --set unified_steps=2000")
+    parser.add_argument("--reuse-stages", action="store_true",
+                        help="reuse the stages already trained under --out (same recipe) and only evaluate; "
+                             "for evaluation-setting ablations")
 
 
-def _stage_config(stage: str, out: Path, init: Path, cohort: Path, steps: int, image_size: int, weights=None,
-                  learning_rate: float = 5e-4, seed: int = 0):
+class PhaseClock:
+    """Wall and CPU seconds per phase (CPU = user + system of this process and its children)."""
+
+    def __init__(self):
+        self.phases: dict[str, dict] = {}
+        self._wall, self._cpu = time.perf_counter(), self._cpu_now()
+
+    @staticmethod
+    def _cpu_now() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    def done(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), self._cpu_now()
+        self.phases[name] = {"wall_s": round(wall - self._wall, 1), "cpu_s": round(cpu - self._cpu, 1)}
+        self._wall, self._cpu = wall, cpu
+        print(f"[demo] {name} done ({self.phases[name]['wall_s']} s wall, {self.phases[name]['cpu_s']} s CPU)",
+              flush=True)
+
+    def totals(self) -> dict:
+        return {"wall_s": round(sum(p["wall_s"] for p in self.phases.values()), 1),
+                "cpu_s": round(sum(p["cpu_s"] for p in self.phases.values()), 1)}
+
+
+def stage_config(stage: str, out: Path, init: Path, cohort: Path, steps: int, learning_rate: float, plan: DemoPlan,
+                 weights=None, seed: int = 0):
+    """The training config of one stage: ``configs/tiny_<stage>.yaml``'s settings with the plan's values."""
     from .train.config import load_config
 
-    values = [f"stage={stage}", f"model.pretrained={init}", f"data.path={cohort}", f"data.image_size={image_size}",
-              f"data.vae_max_size={image_size}", f"data.vae_min_size={image_size}",
-              f"data.vit_max_size={image_size - image_size % 14}", "data.vit_min_size=28",
-              "data.expected_num_tokens=1024", "data.max_num_tokens=1536", "data.max_num_tokens_per_sample=1536",
-              "data.prefer_buffer_before=512", f"train.max_steps={steps}", f"train.save_every={max(steps, 1)}",
-              f"train.warmup_steps={max(1, steps // 10)}", f"train.learning_rate={learning_rate}",
-              "train.ema_decay=0.95", "train.log_every=10", f"train.output_dir={out / stage}",
-              f"train.seed={seed}", f"train.data_seed={seed + 1}"]
+    size = plan.image_size
+    values = [f"stage={stage}", f"model.pretrained={init}", f"data.path={cohort}", f"data.image_size={size}",
+              f"data.vae_max_size={size}", f"data.vae_min_size={size}", f"data.vit_max_size={size - size % 14}",
+              "data.vit_min_size=28", f"data.expected_num_tokens={plan.tokens_per_step}",
+              f"data.max_num_tokens={plan.tokens_per_step * 3 // 2}",
+              f"data.max_num_tokens_per_sample={plan.tokens_per_step * 3 // 2}",
+              f"data.prefer_buffer_before={plan.tokens_per_step // 2}", f"train.max_steps={steps}",
+              f"train.save_every={max(steps, 1)}", f"train.warmup_steps={max(1, steps // 20)}",
+              f"train.learning_rate={learning_rate}", f"train.lr_scheduler={plan.lr_scheduler}",
+              f"train.min_lr_ratio={plan.min_lr_ratio}", "train.ema_decay=0.95", "train.log_every=10",
+              f"train.mse_weight={plan.mse_weight}",
+              f"train.output_dir={out / stage}", f"train.seed={seed}", f"train.data_seed={seed + 1}"]
+    if stage != "align":  # stage 1 keeps the reference's condition dropout
+        values += [f"data.vit_dropout={plan.vit_dropout}", f"data.vae_dropout={plan.vae_dropout}"]
     if weights is not None:
         values.append(f"model.weights={weights}")
     return load_config(None, values)
 
 
-def _plot_losses(path: Path, curves: dict[str, list[dict]]) -> None:
-    """Loss curves as a PNG with PIL only (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    width, height, margin = 900, 300, 40
-    image = Image.new("RGB", (width, height * len(curves)), "white")
-    draw = ImageDraw.Draw(image)
-    for row, (name, records) in enumerate(curves.items()):
-        top = row * height
-        values = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-        draw.text((margin, top + 5), f"{name}: loss per step", fill="black")
-        if len(values) < 2:
-            continue
-        low, high = min(v for _, v in values), max(v for _, v in values)
-        span = (high - low) or 1.0
-        last = values[-1][0]
-        points = [(margin + (s - 1) / max(last - 1, 1) * (width - 2 * margin),
-                   top + height - margin - (v - low) / span * (height - 2 * margin)) for s, v in values]
-        draw.line(points, fill=(31, 119, 180), width=2)
-        draw.text((5, top + margin - 5), f"{high:.3f}", fill="black")
-        draw.text((5, top + height - margin - 5), f"{low:.3f}", fill="black")
-    image.save(path)
+def _require_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("unibrain demo: error: the report's figures need matplotlib: "
+                         "pip install -c constraints.txt -e '.[phantom]'") from None
 
 
 def run(args) -> int:
     import torch
 
     from .data.phantom.generator import generate_cohort
-    from .train.bootstrap import bootstrap_pipeline
+    from .train.bootstrap import VaeRecipe, bootstrap_pipeline
     from .train.trainer import train
 
-    plan = QUICK if args.quick else FULL
+    _require_plotting()
+    plan = (QUICK if args.quick else FULL).replace(args.assignments)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    timings, started = {}, time.perf_counter()
-    image_size = 64 if not args.quick else 48
+    clock = PhaseClock()
 
-    def step(name):
-        timings[name] = round(time.perf_counter() - started - sum(timings.values()), 1)
-        print(f"[demo] {name} done ({timings[name]} s)", flush=True)
-
-    cohort = out / "cohort"
+    cohort = Path(args.cohort) if args.cohort else out / "cohort"
     if not (cohort / "train_val_test_split_subject.json").exists():
+        if args.cohort:
+            raise SystemExit(f"unibrain demo: error: --cohort {cohort} is not a cohort (no split file)")
         generate_cohort(cohort, plan.subjects, seed=args.seed, voxel_size=plan.voxel_size, preview=True,
                         overwrite=True)
-    step("cohort")
+    clock.done("cohort")
     init = out / "init"
     if not (init / "model_index.json").exists():
-        bootstrap_pipeline(cohort, init, image_size=image_size, hidden_size=plan.hidden_size, layers=plan.layers,
-                           vae_steps=plan.vae_steps, seed=args.seed)
-    step("bootstrap")
+        recipe = VaeRecipe(steps=plan.vae_steps, downsample=plan.vae_downsample, base_channels=plan.vae_channels,
+                           learning_rate=plan.vae_lr)
+        bootstrap_pipeline(cohort, init, image_size=plan.image_size, hidden_size=plan.hidden_size,
+                           layers=plan.layers, heads=plan.heads, kv_heads=plan.kv_heads, seed=args.seed, vae=recipe,
+                           latent_patch_size=plan.latent_patch_size, progress=True,
+                           velocity_head_std=plan.velocity_head_std or None)
+    clock.done("bootstrap")
     runs = out / "runs"
-    align = train(_stage_config("align", runs, init, cohort, plan.align_steps, image_size, learning_rate=1e-3,
-                                seed=args.seed), progress=True)
-    step("stage 1 (align)")
-    align_weights = align.last_checkpoint  # a checkpoint folder: the stage-1 raw (trained, not EMA) weights
-    unified = train(_stage_config("unified", runs, init, cohort, plan.unified_steps, image_size,
-                                  weights=align_weights, learning_rate=8e-4, seed=args.seed), progress=True)
-    step("stage 2 (unified)")
-    dhs = train(_stage_config("dhs", runs, unified.export_dir, cohort, plan.dhs_steps, image_size,
-                              learning_rate=2e-4, seed=args.seed), progress=True)
-    step("stage 3 (dhs)")
+
+    def stage(name, title, config):
+        """Train one stage (or, with --reuse-stages, take the one trained before).
+
+        Returns the exported pipeline folder, the last checkpoint folder (the raw, not EMA, weights) and the losses.
+        """
+        folder = runs / name
+        if args.reuse_stages and (folder / "pipeline" / "model_index.json").exists():
+            record = json.loads((folder / LOSSES_FILE).read_text())
+            clock.done(f"{title} (reused)")
+            return folder / "pipeline", Path(record["last_checkpoint"]), record["losses"]
+        result = train(config, progress=True)
+        (folder / LOSSES_FILE).write_text(json.dumps({"steps": result.steps, "losses": result.losses,
+                                                      "last_checkpoint": str(result.last_checkpoint)}))
+        clock.done(title)
+        return result.export_dir, result.last_checkpoint, result.losses
+
+    # Stage 2 starts from stage 1's trained (not EMA-averaged) weights, as the reference chains its stages.
+    _, align_weights, align_losses = stage("align", "stage 1 (align)", stage_config(
+        "align", runs, init, cohort, plan.align_steps, plan.align_lr, plan, seed=args.seed))
+    unified_dir, _, unified_losses = stage("unified", "stage 2 (unified)", stage_config(
+        "unified", runs, init, cohort, plan.unified_steps, plan.unified_lr, plan, weights=align_weights,
+        seed=args.seed))
+    dhs_dir, _, dhs_losses = stage("dhs", "stage 3 (dhs)", stage_config(
+        "dhs", runs, unified_dir, cohort, plan.dhs_steps, plan.dhs_lr, plan, seed=args.seed))
+
+    from .demo_report import evaluate_demo, write_demo_report
 
     report = out / "report"
     report.mkdir(exist_ok=True)
-    _plot_losses(report / "loss_curves.png", {"stage 1 align": align.losses, "stage 2 unified": unified.losses,
-                                              "stage 3 dhs": dhs.losses})
-    summary = evaluate_demo(dhs.export_dir, cohort, report, plan, seed=args.seed)
-    step("evaluation")
-    summary["timings_s"] = timings
-    summary["plan"] = plan.__dict__
-    summary["losses"] = {name: {"first": r.losses[0]["loss"], "last": r.losses[-1]["loss"], "steps": r.steps}
-                         for name, r in (("align", align), ("unified", unified), ("dhs", dhs))}
-    (report / "demo.json").write_text(json.dumps(summary, indent=2, default=float))
-    print(f"[demo] report written to {report} (total {sum(timings.values()):.0f} s)")
+    results = evaluate_demo(dhs_dir, unified_dir, cohort, report, plan, split=args.eval_split, seed=args.seed)
+    clock.done("evaluation")
+    losses = {"stage 1 (align)": align_losses, "stage 2 (unified)": unified_losses, "stage 3 (dhs)": dhs_losses}
+    summary = write_demo_report(report, results, plan, losses, init, clock, vars(args))
+    print(f"[demo] report written to {report / 'summary.md'} (total {clock.totals()['wall_s']:.0f} s wall, "
+          f"{clock.totals()['cpu_s']:.0f} s CPU)")
+    print(json.dumps(summary["headline"], indent=1, default=float))
     return 0
 
 
-def evaluate_demo(pipeline_dir: Path, cohort: Path, report: Path, plan: DemoPlan, seed: int = 0) -> dict:
-    """Held-out evaluation: unified task (impute t2w, t2f from t1n, then impression + diagnosis),
-    generation t1n → t2f vs copy-the-input, diagnosis from t1n alone vs the majority class."""
-    from . import UniBrainPipeline
-    from .evaluation.tasks import evaluate_diagnosis, evaluate_generation, evaluate_unified
-
-    pipe = UniBrainPipeline.from_pretrained(str(pipeline_dir))
-    pipe.set_progress_bar_config(disable=True)
-    common = dict(split="test", seed=seed, max_subjects=plan.eval_subjects)
-    steps = plan.inference_steps
-    results = {
-        "unified": evaluate_unified(pipe, cohort, ["t1n"], ["t2w", "t2f"], out_dir=report / "unified",
-                                    max_new_tokens=96, num_inference_steps=steps, **common),
-        "generation": evaluate_generation(pipe, cohort, ["t1n"], ["t2f"], out_dir=report / "generation",
-                                          num_inference_steps=steps, **common),
-        "diagnosis": evaluate_diagnosis(pipe, cohort, ["t1n"], out_dir=report / "diagnosis", max_new_tokens=48,
-                                        **common),
-    }
-    write_report(report, results, plan)
-    return {name: {"metrics": r.metrics, "baselines": r.baselines} for name, r in results.items()}
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="unibrain demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
-def write_report(report: Path, results: dict, plan: DemoPlan) -> Path:
-    """``report/summary.md``: what was run, every table with its baselines, a sample of the generated text."""
-    from .evaluation.report import write_summary_markdown
+if __name__ == "__main__":
+    import sys
 
-    tables = []
-    for name, title in (("unified", "Unified task: t1n → t2w, t2f, then impression and diagnosis"),
-                        ("generation", "Generation: t1n → t2f"), ("diagnosis", "Diagnosis from t1n alone")):
-        for heading, table in results[name].summary_tables():
-            if heading != "Per subject":
-                tables.append((f"{title} — {heading}", table))
-    sample = next((r for r in results["unified"].per_subject if r.get("impression")), None)
-    notes = [
-        "What this is: a small UniBrain model (a few million parameters) trained for minutes on CPU on a "
-        "synthetic phantom cohort, through the three UniBrain stages (self-alignment, unified, self-forcing). "
-        "It demonstrates the whole system end to end; it says nothing about the 14B model on real data. "
-        "The same commands with configs/bagel_*.yaml reproduce the paper's setting on GPUs.",
-        f"Plan: {plan}.",
-        "Figures: loss_curves.png (per stage); unified/panels, generation/panels (inputs | imputed | truth | "
-        "|difference|).",
-    ]
-    if sample is not None:
-        notes.append(f"Sample ({sample['subject_id']}): generated impression: {sample['impression']!r} — "
-                     f"diagnosis: {sample.get('diagnosis', '')!r} — reference impression: "
-                     f"{sample['reference_impression']!r}.")
-    return write_summary_markdown(report / "summary.md", "UniBrain demo on a synthetic phantom cohort", tables, notes)
+    sys.exit(main())

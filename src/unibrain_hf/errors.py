@@ -20,6 +20,10 @@ class InvalidInputError(UniBrainError, ValueError):
     """An argument value is unusable: wrong type, shape, dtype, range or combination."""
 
 
+class EvaluationInputError(InvalidInputError):
+    """A cohort, split or modality list that cannot be evaluated (the message says what is available)."""
+
+
 class ConfigError(UniBrainError, ValueError):
     """A configuration (model ``config.json``, training YAML, CLI flags) has a missing or invalid value."""
 
@@ -67,5 +71,5 @@ class CheckpointError(UniBrainError, ValueError):
     """A training checkpoint cannot be resumed: missing, damaged, or written by another configuration or layout."""
 
 
-__all__ = ["UniBrainError", "InvalidInputError", "ConfigError", "InputFileNotFoundError", "CorruptFileError",
+__all__ = ["UniBrainError", "InvalidInputError", "EvaluationInputError", "ConfigError", "InputFileNotFoundError", "CorruptFileError",
            "UnsafeFileError", "OutputExistsError", "CheckpointError", "ConversionError"]

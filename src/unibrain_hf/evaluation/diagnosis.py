@@ -16,8 +16,8 @@ from collections import Counter
 from collections.abc import Sequence
 
 from ..protocol.diagnosis import (DEFAULT_CLASS_RULES, DEFAULT_FALLBACK_CLASS, DEFAULT_RULES, DiagnosisRules,
-                                  RulesLike, SubjectMatcher, as_rules, ground_truth_class, is_correct,
-                                  parse_diagnosis_label)
+                                  RulesLike, SubjectMatcher, as_rules, final_diagnosis_line, ground_truth_class,
+                                  is_correct, parse_diagnosis_label)
 
 
 def _check_pairs(subject_ids: Sequence[str], predictions: Sequence[str]) -> None:
@@ -77,5 +77,6 @@ def majority_class_baseline(
 
 
 __all__ = ["DEFAULT_CLASS_RULES", "DEFAULT_FALLBACK_CLASS", "DEFAULT_RULES", "DiagnosisRules", "RulesLike",
-           "SubjectMatcher", "as_rules", "ground_truth_class", "is_correct", "parse_diagnosis_label",
+           "SubjectMatcher", "as_rules", "final_diagnosis_line", "ground_truth_class", "is_correct",
+           "parse_diagnosis_label",
            "score_diagnoses", "diagnosis_accuracy", "majority_class", "majority_class_baseline"]

@@ -94,6 +94,8 @@ def save_panel(
     gap: int = 4,
     label_height: int = 16,
     scale: int = 1,
+    title: str | Sequence[str] = (),
+    captions: Sequence[str] | None = None,
 ) -> Path:
     """Write a PNG of labelled grayscale images side by side, e.g. inputs | imputed | ground truth | difference.
 
@@ -101,12 +103,14 @@ def save_panel(
         path: output ``.png`` file.
         columns: ``(label, image)`` pairs, left to right; images are 2-D (see :func:`to_display_uint8`).
         gap: black pixels between columns.
-        label_height: height of the label strip above the images.
+        label_height: height of the label strip above the images (and of each title line).
         scale: integer nearest-neighbour magnification, for small slices.
+        title: one or more lines written across the top of the panel (e.g. subject id, scores, diagnosis).
+        captions: one line per column written under its image (e.g. its PSNR/SSIM); ``None`` for none.
 
     The panel is ``scale * sum(widths) + gap * (len(columns) - 1)`` pixels wide and
-    ``label_height + scale * max(heights)`` high; shorter images are top-aligned on black.
-    A label longer than its column is clipped to it.
+    ``label_height * (title lines + 1 + (1 if captions))+ scale * max(heights)`` high; shorter images
+    are top-aligned on black. A label longer than its column is clipped to it.
     """
     if isinstance(columns, Mapping) or len(columns) == 0:
         raise ValueError("columns must be a non-empty list of (label, image) pairs")
@@ -122,18 +126,30 @@ def save_panel(
             tile = tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST)
         tiles.append((label, tile))
 
+    title_lines = [title] if isinstance(title, str) else list(title)
+    if captions is not None and len(captions) != len(tiles):
+        raise ValueError(f"captions must have one entry per column ({len(tiles)}), got {len(captions)}")
     width = sum(tile.width for _, tile in tiles) + gap * (len(tiles) - 1)
-    height = label_height + max(tile.height for _, tile in tiles)
+    top = label_height * len(title_lines)
+    image_height = max(tile.height for _, tile in tiles)
+    height = top + label_height + image_height + (label_height if captions is not None else 0)
     panel = Image.new("L", (width, height), 0)
     font = ImageFont.load_default()
+    draw = ImageDraw.Draw(panel)
+    for line_number, line in enumerate(title_lines):
+        draw.text((2, line_number * label_height + 1), str(line), fill=255, font=font)
     left = 0
-    for label, tile in tiles:
-        if label_height:
-            # Drawing on a strip the column's width keeps long labels from spilling over.
-            strip = Image.new("L", (tile.width, label_height), 0)
-            ImageDraw.Draw(strip).text((2, 1), label, fill=255, font=font)
-            panel.paste(strip, (left, 0))
-        panel.paste(tile, (left, label_height))
+    for index, (label, tile) in enumerate(tiles):
+        strips = [(label, top)]
+        if captions is not None:
+            strips.append((str(captions[index]), top + label_height + image_height))
+        for text, y in strips:
+            if label_height:
+                # Drawing on a strip the column's width keeps long labels from spilling over.
+                strip = Image.new("L", (tile.width, label_height), 0)
+                ImageDraw.Draw(strip).text((2, 1), text, fill=255, font=font)
+                panel.paste(strip, (left, y))
+        panel.paste(tile, (left, top + label_height))
         left += tile.width + gap
 
     with _atomic_destination(path, suffix=".png") as temporary:

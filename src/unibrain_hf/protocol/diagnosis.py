@@ -160,18 +160,37 @@ def is_correct(gt_word: str, prediction_text: str) -> bool:
     return gt_word.lower() in prediction_text.lower()
 
 
+_FINAL_DIAGNOSIS = re.compile(r"final\s+diagnosis\s*:", re.IGNORECASE)
+
+
+def final_diagnosis_line(text: str) -> str:
+    """The answer's diagnosis: what follows the last "Final Diagnosis:" up to the end of its line.
+
+    Without that marker, the last non-empty line. An impression such as "Fazekas 2 white-matter
+    lesions, no mass" followed by "Final Diagnosis: White matter degeneration" therefore reads as
+    the diagnosis, not as whatever class word the impression happens to contain.
+    """
+    markers = list(_FINAL_DIAGNOSIS.finditer(text))
+    if markers:
+        return text[markers[-1].end():].split("\n", 1)[0].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def parse_diagnosis_label(
     text: str, class_words: Iterable[str] | None = None, *, word_start_only: bool = True
 ) -> str | None:
-    """The class word that occurs earliest in ``text`` (case-insensitive), or ``None``.
+    """The class word that occurs earliest in the final diagnosis line of ``text``, or ``None``.
 
-    With ``word_start_only`` a class word must begin a word, so "negligible" does not read
-    as "Gli" nor "abnormal" as "Normal"; the stems still match word beginnings
-    ("glioblastoma" → "Gli"). When two words start at the same place the longer wins.
-    Negation is not understood: "no infarct" parses as "Infarct".
+    Only :func:`final_diagnosis_line` is read, never the impression before it. With
+    ``word_start_only`` a class word must begin a word, so "negligible" does not read as "Gli"
+    nor "abnormal" as "Normal"; the stems still match word beginnings ("glioblastoma" → "Gli").
+    When two words start at the same place the longer wins. Negation is not understood:
+    "no infarct" parses as "Infarct".
     """
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
+    text = final_diagnosis_line(text)
     words = DEFAULT_RULES.class_words if class_words is None else tuple(class_words)
     if isinstance(class_words, str) or not words:
         raise ValueError("class_words must be a non-empty list of class words")
@@ -192,5 +211,5 @@ def parse_diagnosis_label(
 REFERENCE_UNUSED_CLASS = "Normal"
 
 __all__ = ["SubjectMatcher", "DEFAULT_CLASS_RULES", "DEFAULT_FALLBACK_CLASS", "DiagnosisRules", "DEFAULT_RULES",
-           "RulesLike", "as_rules", "ground_truth_class", "is_correct", "parse_diagnosis_label",
+           "RulesLike", "as_rules", "ground_truth_class", "is_correct", "final_diagnosis_line", "parse_diagnosis_label",
            "REFERENCE_UNUSED_CLASS"]

@@ -31,7 +31,7 @@ from .signal import simulate_images
 from .template import load_template
 from .tissue import check_field_strength, subject_tissues
 
-PHANTOM_VERSION = 1
+PHANTOM_VERSION = 2  # 2: acute infarcts efface the sulcal CSF in their territory (dark on ADC)
 INFO_FILE_NAME = "phantom_info.json"
 PREVIEW_FILE_NAME = "preview.png"
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}

@@ -30,7 +30,8 @@ Labels follow BraTS (1 necrosis / non-enhancing, 2 oedema, 3 enhancing) and ISLE
   tumour T1 1400-1600 (metastasis 1300-1500), T2 100-120 (90-130), PD 0.85, ADC 1.0,
   gadolinium 0.3-0.5 mM; oedema T1 1400-1600, T2 120-150, PD 0.88, ADC 1.5;
 * meningioma T1 ~ grey matter, T2 1.0-1.25 x grey matter, PD 0.85, ADC 0.8, 0.5-0.8 mM;
-* infarct T1 +10 %, T2 +10-20 %, PD +5 % of the tissue it hits, ADC 0.35-0.5;
+* infarct T1 +10 %, T2 +10-20 %, PD +5 % of the tissue it hits, ADC 0.35-0.5; the swollen cortex
+  effaces 75-95 % of the sulcal CSF inside the territory;
 * WMH T1 1.3-1.5 x, T2 1.6-2.0 x white matter, PD 0.8, ADC 1.0.
 
     python -m unibrain_hf.data.phantom.lesions
@@ -485,6 +486,9 @@ class StrokeModel(LesionModel):
             name: Tissue(f"infarcted {name}", tissues[name].t1 * 1.10, tissues[name].t2 * self.t2_factor,
                          tissues[name].pd * 1.05, adc)
             for name in ("gm", "wm")}
+        # Cytotoxic oedema swells the infarcted cortex and effaces the sulci inside the territory, so
+        # the lesion's voxels hold little CSF (whose ADC, ~3e-3 mm^2/s, would otherwise mask the restriction).
+        self.sulcal_effacement = float(rng.uniform(0.75, 0.95))
 
     def render(self, anatomy):
         grid = anatomy.grid
@@ -503,11 +507,15 @@ class StrokeModel(LesionModel):
         shape = (wedge * beyond_inner * same_side).astype(np.float32)
         gm_part = shape * anatomy.gm
         wm_part = shape * anatomy.wm
+        # Only sulcal CSF (sharing its voxel with brain tissue) is effaced, not the ventricles or cisterns.
+        sulcal = np.clip(2.0 * (anatomy.gm + anatomy.wm), 0.0, 1.0)
+        effaced = (shape * anatomy.csf * sulcal * np.float32(self.sulcal_effacement)).astype(np.float32)
         compartments = [
             Compartment(self.infarcts["gm"], gm_part, LESION, source="gm"),
             Compartment(self.infarcts["wm"], wm_part, LESION, source="wm"),
+            Compartment(self.infarcts["gm"], effaced, LESION, source="csf"),
         ]
-        infarct = gm_part + wm_part
+        infarct = gm_part + wm_part + effaced
         facts = {
             "location": describe_location(centroid_mm(infarct, anatomy.u)),
             "territory": self.territory,

@@ -1,0 +1,124 @@
+"""The main job's recipe plumbing and report logic, without training (CI runs ``unibrain demo --quick``).
+
+    HF_HUB_OFFLINE=1 python -m pytest tests/test_demo.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unibrain_hf.demo import FULL, QUICK, DemoPlan, stage_config
+from unibrain_hf.demo_report import comparisons, loss_trend, plot_loss_curves
+from unibrain_hf.evaluation.results import UnifiedResult, DiagnosisResult, accuracy_summary, image_comparisons
+
+SUBJECTS = [f"PHANTOM-{kind}-{i:05d}" for i in range(10) for kind in ("GLI", "NOR")]
+
+
+def test_plan_assignments_are_typed_and_checked():
+    plan = FULL.replace(["unified_steps=2500", "unified_lr=1e-3", "lr_scheduler=linear", "targets=t2f"])
+    assert (plan.unified_steps, plan.unified_lr, plan.lr_scheduler, plan.target_list) == (2500, 1e-3, "linear",
+                                                                                          ["t2f"])
+    assert FULL.unified_steps != 2500  # a copy, the preset is unchanged
+    with pytest.raises(SystemExit, match="FIELD one of"):
+        FULL.replace(["no_such_field=1"])
+    with pytest.raises(SystemExit, match="not a int"):
+        FULL.replace(["layers=four"])
+
+
+def test_stage_config_carries_the_plan(tmp_path):
+    (tmp_path / "cohort").mkdir()
+    (tmp_path / "init").mkdir()
+    config = stage_config("unified", tmp_path / "runs", tmp_path / "init", tmp_path / "cohort", 40, 5e-4,
+                          QUICK.replace(["lr_scheduler=cosine", "min_lr_ratio=0.2", "tokens_per_step=512"]))
+    assert config.train.max_steps == 40 and config.train.learning_rate == 5e-4
+    assert (config.train.lr_scheduler, config.train.min_lr_ratio) == ("cosine", 0.2)
+    assert config.data.expected_num_tokens == 512 and config.data.image_size == QUICK.image_size
+
+
+def _image_record(subject, ours, copy, target="t2f"):
+    return {target: {"psnr": ours, "ssim": ours / 40}}, {target: {"psnr": copy, "ssim": copy / 40}}
+
+
+def _unified(per_subject, name="unified"):
+    metrics, baselines, compared = accuracy_summary(per_subject, ["PHANTOM-GLI-00099"], None)
+    compared["imputed_vs_copy_input"] = image_comparisons(per_subject, ["t2f"])
+    metrics["images"] = {"per_target": {"t2f": {"psnr": 0.0, "ssim": 0.0}}}
+    return UnifiedResult(name, {}, metrics=metrics, baselines=baselines, per_subject=per_subject,
+                         comparisons=compared)
+
+
+def _diagnosis(per_subject):
+    metrics, baselines, compared = accuracy_summary(per_subject, ["PHANTOM-GLI-00099"], None)
+    return DiagnosisResult("diagnosis", {}, metrics=metrics, baselines=baselines, per_subject=per_subject,
+                           comparisons=compared)
+
+
+def _records(correct_every, psnr_gain, seed):
+    rng = np.random.default_rng(seed)
+    records = []
+    for position, subject in enumerate(SUBJECTS):
+        truth = "Gli" if "-GLI-" in subject else "Normal"
+        right = position % correct_every == 0
+        parsed = truth if right else ("Normal" if truth == "Gli" else "Gli")
+        copy = float(rng.normal(15, 1))
+        imputed, baseline = _image_record(subject, copy + psnr_gain + float(rng.normal(0, 0.3)), copy)
+        records.append({"subject_id": subject, "ground_truth": truth, "parsed_label": parsed, "correct": right,
+                        "reference_correct": right, "diagnosis": f"Final Diagnosis: {parsed}",
+                        "imputed": imputed, "copy_input": baseline})
+    return records
+
+
+def test_comparisons_pair_the_same_subjects_and_decide_the_claims():
+    results = {"targets": ["t2f"], "all_sequences": ["t1n", "t2f"],
+               "unified": _unified(_records(1, 2.0, 0)),  # every diagnosis right, +2 dB over copying
+               "unified_stage2": _unified(_records(1, 1.0, 0), "unified_stage2"),
+               "diagnosis_t1n": _diagnosis(_records(2, 0.0, 0)),  # half right = the best constant answer
+               "diagnosis_all": _diagnosis(_records(1, 0.0, 0))}
+    compared = comparisons(results)
+    assert compared["imputation"]["t2f"]["psnr"]["low"] > 1.5
+    assert compared["dhs_vs_stage2"]["t2f"]["psnr"]["mean"] == pytest.approx(1.0, abs=0.2)
+    after = compared["diagnosis"]["after unified imputation (stage 3)"]
+    assert after["accuracy"] == 1.0 and after["vs_t1n_alone"]["mean"] == pytest.approx(0.5)
+    assert compared["diagnosis"]["T1n alone (diagnosis task)"]["vs_best_constant"]["mean"] == pytest.approx(0.0)
+    verdicts = list(compared["verdicts"].values())
+    assert verdicts == [True, True, True, False, True]  # T1n alone does not beat the best constant answer
+    # Findings on normal subjects: T1n alone is right on every glioma and calls every normal subject "Gli".
+    assert results["diagnosis_t1n"].metrics["findings_on_normal"]["mean"] == 1.0
+    assert results["unified"].metrics["findings_on_normal"]["mean"] == 0.0
+    results["diagnosis_all"] = _diagnosis(_records(1, 0.0, 0)[::-1])
+    with pytest.raises(RuntimeError, match="different subjects"):
+        comparisons(results)
+
+
+def test_loss_curves_have_a_trend_and_a_figure(tmp_path):
+    steps = [{"step": s, "loss": 2.0 / (1 + s / 50), "mse": 1.0 / (1 + s / 50), "ce": 1.0 / (1 + s / 50)}
+             for s in range(1, 201)]
+    flat = [{"step": s, "loss": 1.0 + 0.1 * np.sin(s), "mse": None, "ce": None} for s in range(1, 101)]
+    trend = loss_trend(steps)
+    assert trend["last_10pct"] < 0.5 * trend["first_10pct"] and trend["steps"] == 200
+    assert abs(loss_trend(flat)["relative_change"]) < 0.05
+    assert loss_trend(steps[:5]) is None
+    path = plot_loss_curves(tmp_path / "curves.png", {"stage 2": steps, "stage 3": flat})
+    with Image.open(path) as image:
+        assert image.width > 600 and image.height > 300
+
+
+def test_fitted_vae_has_a_narrow_posterior_and_unit_variance_latents():
+    """The flow model predicts posterior *samples*: their noise must be small next to the signal."""
+    import torch
+
+    from unibrain_hf.train.bootstrap import VaeRecipe, _to_model_range, fit_vae
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((24, 16, 16)) * 255).astype(np.uint8)
+    vae = fit_vae(images, recipe=VaeRecipe(steps=3, downsample=4, base_channels=8, latent_noise=0.1),
+                  log=lambda *_: None)
+    with torch.no_grad():
+        posterior = vae.encode(_to_model_range(images)).latent_dist
+    scale = vae.config.scaling_factor
+    normalised_means = (posterior.mean - vae.config.shift_factor) * scale
+    assert normalised_means.std().item() == pytest.approx(1.0, rel=0.05)
+    assert (posterior.std * scale).max().item() == pytest.approx(0.1, rel=0.05)
+    assert posterior.mean.shape[-1] == 4  # 16 px / a 4x VAE

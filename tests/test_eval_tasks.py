@@ -274,3 +274,49 @@ def test_cli_end_to_end_and_bad_input(pipeline_dir, cohort_dir, tmp_path, capsys
                           "--out", str(out)]) == 2  # not empty, no --overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------- does the imputation follow its input
+
+
+class _EchoPipe:
+    """Stands in for a pipeline that returns its input unchanged: it follows the input's anatomy exactly."""
+
+    def __call__(self, images, target_modalities, generator, **kwargs):
+        source = next(iter(images.values()))
+        return UniBrainPipelineOutput(images={t: [Image.fromarray(np.asarray(source, np.uint8))]
+                                              for t in target_modalities})
+
+
+def _subjects_with(cohort_dir, codes, split="train"):
+    return [r.subject_id for r in iter_subject_records(cohort_dir, split=split)
+            if all(c in r.volumes for c in codes)][:4]
+
+
+def test_input_specificity_separates_an_input_following_model_from_a_noise_prior(cohort_dir):
+    from unibrain_hf.evaluation.specificity import input_specificity
+
+    subjects = _subjects_with(cohort_dir, ["t1n", "t1c"])
+    # T1c is T1n with enhancement: an echo of T1n matches its own subject's T1c far better than others'.
+    echo = input_specificity(_EchoPipe(), cohort_dir, "train", subjects, "t1n", ["t1c"], STEPS)["t1c"]
+    assert echo["own_vs_other_truths"]["low"] > 0
+    assert echo["own_truth_psnr"] > echo["other_truths_psnr"] + 3
+    # A model whose output ignores the input: every subject gets the same image, no better on its own truth.
+    constant = input_specificity(_ScriptedPipe([90]), cohort_dir, "train", subjects, "t1n", ["t1c"], STEPS)["t1c"]
+    assert not constant["own_vs_other_truths"]["low"] > 0
+    assert constant["imputations_similarity"] > 2 * constant["truths_similarity"]
+
+
+def test_impression_findings_on_normal_subjects_read_the_whole_impression():
+    from unibrain_hf.evaluation.diagnosis import as_rules
+    from unibrain_hf.evaluation.results import impression_findings_on_normal, names_a_lesion
+
+    rules = as_rules()
+    assert names_a_lesion("Ring-enhancing mass, most consistent with glioblastoma.", rules)
+    assert not names_a_lesion("Normal MRI of the brain.", rules)
+    assert not names_a_lesion("Negligible volume loss.", rules)  # word start only: not "Gli"
+    records = [{"ground_truth": "Normal", "impression": "Metastatic disease."},
+               {"ground_truth": "Normal", "impression": "No acute abnormality."},
+               {"ground_truth": "Gli", "impression": "Glioblastoma."}]
+    assert impression_findings_on_normal(records, rules)["mean"] == 0.5
+    assert impression_findings_on_normal(records[2:], rules) is None

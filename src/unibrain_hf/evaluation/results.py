@@ -79,6 +79,28 @@ def lesion_comparisons(per_subject: list[dict], targets: list[str], ours: str = 
     return comparisons
 
 
+def names_a_lesion(text: str | None, rules) -> bool:
+    """Whether ``text`` names any class other than normal, anywhere (word start, case-insensitive).
+
+    Applied to the impression of a normal subject, this is a hallucinated finding: "ring-enhancing
+    mass ... glioblastoma" names ``Gli``. Negation is not understood ("no infarct" counts).
+    """
+    import re
+
+    if not text:
+        return False
+    return any(re.search(r"\b" + re.escape(word), text, flags=re.IGNORECASE)
+               for word in rules.class_words if word != NORMAL_CLASS)
+
+
+def impression_findings_on_normal(per_subject: list[dict], rules) -> dict | None:
+    """Bootstrap mean, over normal subjects, of "the impression names a lesion" (None without normals)."""
+    normals = [r for r in per_subject if r["ground_truth"] == NORMAL_CLASS]
+    if not normals:
+        return None
+    return bootstrap_mean([float(names_a_lesion(r.get("impression"), rules)) for r in normals]).to_dict()
+
+
 def accuracy_summary(per_subject: list[dict], index_train_ids: list[str] | None, rules) -> tuple[dict, dict, dict]:
     """(metrics, baselines, comparisons) of a text task's per-subject diagnosis records.
 
@@ -303,6 +325,6 @@ def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-__all__ = ["DiagnosisResult", "EvaluationResult", "GenerationResult", "NORMAL_CLASS", "PSNR_CAP", "UnifiedResult",
+__all__ = ["names_a_lesion", "impression_findings_on_normal", "DiagnosisResult", "EvaluationResult", "GenerationResult", "NORMAL_CLASS", "PSNR_CAP", "UnifiedResult",
            "accuracy_summary", "lesion_comparisons", "accuracy_table", "confusion_table", "image_comparisons", "image_means",
            "image_series", "image_table", "interval_text", "mean", "per_subject_image_table", "write_predictions"]

@@ -51,7 +51,8 @@ from .diagnosis import as_rules, is_correct, parse_diagnosis_label
 from .calls import reference_ensemble
 from .report import save_nifti_like, save_panel
 from .results import (DiagnosisResult, EvaluationResult, GenerationResult, UnifiedResult, accuracy_summary,
-                      image_comparisons, image_means, lesion_comparisons, mean, write_predictions)
+                      image_comparisons, image_means, impression_findings_on_normal, lesion_comparisons, mean,
+                      write_predictions)
 from .scoring import Task, run_task_loop
 
 TASK_NAMES = ("generation", "diagnosis", "unified")
@@ -479,6 +480,9 @@ def evaluate_unified(pipe, cohort_dir, modalities_in, modalities_out, split: str
         image_metrics_, image_baselines, image_comparisons_ = _image_results(per_subject, modalities_out,
                                                                              modalities_in[0])
         metrics.update({k: mean(r["rouge"][k] for r in per_subject) for k in ("rouge1", "rouge2", "rougeL")})
+        findings = impression_findings_on_normal(per_subject, rules)
+        if findings is not None:
+            metrics["impression_findings_on_normal"] = findings
         metrics["images"] = image_metrics_
         constant = constant_impression_baseline(index, [r["reference_impression"] for r in per_subject])
         baselines.update(image_baselines)

@@ -71,5 +71,5 @@ class CheckpointError(UniBrainError, ValueError):
     """A training checkpoint cannot be resumed: missing, damaged, or written by another configuration or layout."""
 
 
-__all__ = ["UniBrainError", "InvalidInputError", "EvaluationInputError", "ConfigError", "InputFileNotFoundError", "CorruptFileError",
-           "UnsafeFileError", "OutputExistsError", "CheckpointError", "ConversionError"]
+__all__ = ["UniBrainError", "InvalidInputError", "EvaluationInputError", "ConfigError", "InputFileNotFoundError",
+           "CorruptFileError", "UnsafeFileError", "OutputExistsError", "CheckpointError", "ConversionError"]

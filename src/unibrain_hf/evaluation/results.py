@@ -325,6 +325,7 @@ def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-__all__ = ["names_a_lesion", "impression_findings_on_normal", "DiagnosisResult", "EvaluationResult", "GenerationResult", "NORMAL_CLASS", "PSNR_CAP", "UnifiedResult",
-           "accuracy_summary", "lesion_comparisons", "accuracy_table", "confusion_table", "image_comparisons", "image_means",
-           "image_series", "image_table", "interval_text", "mean", "per_subject_image_table", "write_predictions"]
+__all__ = ["DiagnosisResult", "EvaluationResult", "GenerationResult", "NORMAL_CLASS", "PSNR_CAP", "UnifiedResult",
+           "accuracy_summary", "accuracy_table", "confusion_table", "image_comparisons", "image_means",
+           "image_series", "image_table", "impression_findings_on_normal", "interval_text", "lesion_comparisons",
+           "mean", "names_a_lesion", "per_subject_image_table", "write_predictions"]

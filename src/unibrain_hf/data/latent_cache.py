@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, CorruptFileError, InputFileNotFoundError
+# The posterior sample and normalisation live with the VAE helpers; re-exported for the cache's users.
+from ..modeling.vae import sample_latents
 
 FORMAT = "unibrain-latent-cache/1"
 MANIFEST = "manifest.json"
@@ -91,29 +93,6 @@ def encode_distribution(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.
         means.append(dist.mean)
         logvars.append(dist.logvar)
     return torch.cat(means), torch.cat(logvars)
-
-
-def sample_latents(vae, mean: torch.Tensor, logvar: torch.Tensor, posterior_eps: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
-    """Normalised latents ``scale·(mean + std·ε − shift)`` from posterior parameters.
-
-    ε is ``posterior_eps`` when given (parity replays), else one ``randn`` of the means' shape from
-    ``generator`` (or the global generator, seeded per pack by the trainer) — the same draw
-    :func:`unibrain_hf.modeling.vae.encode_latents` makes.
-    """
-    if sample:
-        if posterior_eps is None:
-            from diffusers.utils.torch_utils import randn_tensor
-
-            posterior_eps = randn_tensor(tuple(mean.shape), generator=generator, device=mean.device, dtype=mean.dtype)
-        elif tuple(posterior_eps.shape) != tuple(mean.shape):
-            raise ValueError(f"posterior_eps has shape {tuple(posterior_eps.shape)}, the latent mean "
-                             f"{tuple(mean.shape)}")
-        latent = mean + torch.exp(0.5 * logvar) * posterior_eps.to(mean)  # diffusers' std, bit for bit
-    else:
-        latent = mean
-    shift = vae.config.shift_factor or 0.0
-    return vae.config.scaling_factor * (latent - shift)
 
 
 @dataclass

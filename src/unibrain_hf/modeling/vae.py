@@ -98,10 +98,21 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, posterior_eps: torc
     if deduplicate and images.shape[0] > 1:
         unique, inverse = _deduplicate(images)
         dist = vae.encode(unique).latent_dist
-        mean, std = dist.mean[inverse], dist.std[inverse]
+        mean, logvar = dist.mean[inverse], dist.logvar[inverse]
     else:
         dist = vae.encode(images).latent_dist
-        mean, std = dist.mean, dist.std
+        mean, logvar = dist.mean, dist.logvar
+    return sample_latents(vae, mean, logvar, posterior_eps, generator, sample)
+
+
+def sample_latents(vae, mean: torch.Tensor, logvar: torch.Tensor, posterior_eps: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+    """Normalised latents ``scale·(mean + std·ε − shift)`` from posterior parameters.
+
+    ε is ``posterior_eps`` when given (parity replays), else one ``randn`` of the means' shape from
+    ``generator`` (or the global generator, seeded per pack by the trainer). Used by
+    :func:`encode_latents` and by the latent cache, so cached and fresh latents are drawn alike.
+    """
     if sample:
         if posterior_eps is None:
             from diffusers.utils.torch_utils import randn_tensor
@@ -111,9 +122,9 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, posterior_eps: torc
         elif tuple(posterior_eps.shape) != tuple(mean.shape):
             raise ValueError(f"posterior_eps has shape {tuple(posterior_eps.shape)}, the latent mean "
                              f"{tuple(mean.shape)}")
-        # diffusers clamps log-variance to [-30, 20] before exp; FLUX does not. The clamp only
-        # matters for degenerate encoders, never for trained weights.
-        latent = mean + std * posterior_eps.to(mean)
+        # exp(logvar / 2) is diffusers' own std, bit for bit (its log-variance is clamped to [-30, 20]
+        # before; FLUX does not clamp, which only matters for degenerate encoders).
+        latent = mean + torch.exp(0.5 * logvar) * posterior_eps.to(mean)
     else:
         latent = mean
     shift = vae.config.shift_factor or 0.0

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from part_clock import PartClock  # this folder (the script's own) is on sys.path
 
 SEED = 0
 
@@ -127,28 +128,6 @@ TARGETS = ("t2w", "t2f", "t1c")
 def input_slice() -> np.ndarray:
     """The benchmark's input: a seeded uint8 slice (taken as already scaled by both implementations)."""
     return np.random.default_rng(SEED).integers(0, 256, size=INPUT_SHAPE, dtype=np.uint8)
-
-
-class PartClock:
-    """Wall and CPU seconds spent in named parts of a call (text decoding, denoising, VAE decoding, prefills)."""
-
-    def __init__(self):
-        self.parts = {}
-
-    def wrap(self, owner, name: str, part: str) -> None:
-        original = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            wall, cpu = time.perf_counter(), time.process_time()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                entry = self.parts.setdefault(part, {"wall_s": 0.0, "cpu_s": 0.0, "calls": 0})
-                entry["wall_s"] += time.perf_counter() - wall
-                entry["cpu_s"] += time.process_time() - cpu
-                entry["calls"] += 1
-
-        setattr(owner, name, timed)
 
 
 def instrument(pipe) -> PartClock:

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from part_clock import PartClock  # this folder (the script's own) is on sys.path
 
 SEED = 0
 SIZES = dict(hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=2, vocab=1024, vit_hidden=256,
@@ -238,28 +239,6 @@ def _reset_peak():
         return False
 
 
-class _Clock:
-    """Wall and CPU seconds per named part of a run."""
-
-    def __init__(self):
-        self.parts = {}
-
-    def wrap(self, owner, name, part):
-        original = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            wall, cpu = time.perf_counter(), time.process_time()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                entry = self.parts.setdefault(part, {"wall_s": 0.0, "cpu_s": 0.0, "calls": 0})
-                entry["wall_s"] += time.perf_counter() - wall
-                entry["cpu_s"] += time.process_time() - cpu
-                entry["calls"] += 1
-
-        setattr(owner, name, timed)
-
-
 def run_unified(inferencer, spec, targets, max_new_tokens, clock):
     from PIL import Image
 
@@ -325,7 +304,7 @@ def run(args) -> dict:
     vae_transform, vit_transform = _ImageTransform(128, 128, 16), _ImageTransform(126, 126, 14)
     inferencer = InterleaveInferencer(model, vae, tokenizer, vae_transform, vit_transform, new_token_ids,
                                       device="cpu")
-    clock = _Clock()
+    clock = PartClock()
     clock.wrap(inferencer, "gen_text", "text")
     clock.wrap(model, "generate_image", "denoise")
     clock.wrap(inferencer, "decode_image", "vae_decode")

@@ -56,16 +56,12 @@ def packs(train_workspace):
     ranks would hold them, with their latents) and a pack without images."""
     from unibrain_hf.data.packed_dataset import packed_dataloader
     from unibrain_hf.modeling.vae import encode_latents
-    from unibrain_hf.processing.processor import UniBrainProcessor
-    from unibrain_hf.train.data import build_dataset
+    from unibrain_hf.train.data import build_dataset, training_processor
     from unibrain_hf.train.trainer import load_components
 
     config = make_config(train_workspace, "dhs")
     model, vae, tokenizer = load_components(config)
-    data = config.data
-    processor = UniBrainProcessor.for_model(model.config, tokenizer, vae_max_size=data.vae_max_size,
-                                            vae_min_size=data.vae_min_size, vit_max_size=data.vit_max_size,
-                                            vit_min_size=data.vit_min_size)
+    processor = training_processor(model.config, tokenizer, config.data)
     streams = [iter(packed_dataloader(build_dataset(config, processor, rank, 2))) for rank in range(2)]
     pair = text_only = None
     for _ in range(20):

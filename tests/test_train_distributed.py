@@ -116,18 +116,14 @@ def test_the_dhs_ranks_need_padding(train_workspace):
     packs need different decoder calls (neither rank's calls contain the other's), one rank's pack
     has no image at all and one has no text-loss token."""
     from unibrain_hf.data.packed_dataset import packed_dataloader
-    from unibrain_hf.processing.processor import UniBrainProcessor
-    from unibrain_hf.train.data import build_dataset
+    from unibrain_hf.train.data import build_dataset, training_processor
     from unibrain_hf.train.lockstep import merge_sequences
     from unibrain_hf.train.self_forcing import rollout_calls
     from unibrain_hf.train.trainer import load_components
 
     config = run_config(train_workspace, "fsdp2-dhs", "dhs")
     model, _, tokenizer = load_components(config)
-    data = config.data
-    processor = UniBrainProcessor.for_model(model.config, tokenizer, vae_max_size=data.vae_max_size,
-                                            vae_min_size=data.vae_min_size, vit_max_size=data.vit_max_size,
-                                            vit_min_size=data.vit_min_size)
+    processor = training_processor(model.config, tokenizer, config.data)
     streams = [iter(packed_dataloader(build_dataset(config, processor, rank, 2))) for rank in range(2)]
     steps = [[next(stream) for stream in streams] for _ in range(STEPS)]
     kinds = [[[call.kind for call in rollout_calls(pack)] for pack in step] for step in steps]

@@ -15,6 +15,15 @@ import functools
 from ..errors import ConfigError
 
 
+def training_processor(model_config, tokenizer, data):
+    """The processor a run packs its images with: the model's geometry and ``data``'s (a DataSection) sizes."""
+    from ..processing.processor import UniBrainProcessor
+
+    return UniBrainProcessor.for_model(model_config, tokenizer, vae_max_size=data.vae_max_size,
+                                       vae_min_size=data.vae_min_size, vit_max_size=data.vit_max_size,
+                                       vit_min_size=data.vit_min_size)
+
+
 def build_dataset(config, processor, rank: int, world_size: int, latent_cache=None):
     """The :class:`PackedDataset` of this rank for ``config`` (stage task, budget, dropout, stream).
 

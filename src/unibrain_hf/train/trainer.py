@@ -252,9 +252,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from ..modeling.checkpointing import enable_activation_checkpointing
-        from ..processing.processor import UniBrainProcessor
         from ..utils.threads import configure_threads
-        from .data import build_dataset
+        from .data import build_dataset, training_processor
         from .lora import resolve_lora
         from .precision import check_mixed_precision
 
@@ -304,9 +303,7 @@ class Trainer:
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigError("nothing to train: the stage and LoRA settings froze every parameter")
         base = unwrap_peft(model)
-        self.processor = UniBrainProcessor.for_model(
-            base.config, self.tokenizer, vae_max_size=config.data.vae_max_size, vae_min_size=config.data.vae_min_size,
-            vit_max_size=config.data.vit_max_size, vit_min_size=config.data.vit_min_size)
+        self.processor = training_processor(base.config, self.tokenizer, config.data)
         if self.latent_cache is not None and self.latent_cache.manifest["transform"]["vae_resize"] != \
                 self.processor.vae_resize.to_dict():  # the model's stride disagrees with its config file
             raise ConfigError(f"data.latent_cache {config.data.latent_cache}: the processor's VAE transform "

@@ -7,7 +7,7 @@ schema, ``train_val_test_split_subject.json`` (~70/15/15, stratified by class),
 ``phantom_info.json`` and, with ``--preview``, ``preview.png``.
 
     unibrain phantom out/cohort --subjects 12 --seed 0
-    unibrain phantom /tmp/tiny --subjects 6 --seed 1 --size 4 --preview    # coarse: a few seconds
+    unibrain phantom runs/tiny --subjects 6 --seed 1 --size 4 --preview    # coarse: a few seconds
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Panels are drawn with PIL alone (its built-in default font), so no plotting libr
 Image convention, shared with :mod:`unibrain_hf.evaluation.metrics`: integer images hold
 0–255 intensities, float images hold values in [0, 1].
 
-    python -c "import numpy as np; from unibrain_hf.evaluation.report import save_panel; save_panel('/tmp/panel.png', [('input', np.zeros((64, 64), np.uint8)), ('imputed', np.full((64, 64), 200, np.uint8))])"
+    python -c "import numpy as np; from unibrain_hf.evaluation.report import save_panel; save_panel('panel.png', [('input', np.zeros((64, 64), np.uint8)), ('imputed', np.full((64, 64), 200, np.uint8))])"
 """
 
 from __future__ import annotations

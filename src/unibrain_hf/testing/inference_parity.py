@@ -1,8 +1,8 @@
 """Replay a reference fixture's inference run through ``UniBrainPipeline`` and measure the differences.
 
-The fixture (format of ``fixtures/bagel_tiny/README.json``) records one
-``InterleaveInferencer.interleave_inference([image, prompt])`` call for an image and one for text,
-with the VAE posterior noise and the initial noise. This module rebuilds the same context with
+A parity fixture (any directory of the format: a ``README.json`` describing each recorded tensor)
+records one ``InterleaveInferencer.interleave_inference([image, prompt])`` call for an image and one
+for text, with the VAE posterior noise and the initial noise. This module rebuilds the same context with
 the pipeline's own code path — ``pipe(..., latents=..., posterior_eps=...)`` for the image and
 the pipeline's context/text building blocks for the greedy text — and returns the maximum
 absolute difference of every recorded quantity: the KV cache after prefill, kv lengths and

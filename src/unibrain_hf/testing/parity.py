@@ -1,7 +1,7 @@
 """Replay a reference fixture through the public API and report how closely we match it.
 
-A fixture (format: ``README.json`` + safetensors files recorded by running the reference
-BAGEL/UniBrain code, e.g. ``tests/fixtures/bagel_tiny``) holds a tiny BAGEL checkpoint, the
+A fixture (any directory of the format: a ``README.json`` describing every tensor, plus the
+safetensors files recorded by running the reference BAGEL/UniBrain code) holds a tiny BAGEL checkpoint, the
 sequence plan of a packed training batch with its images, the noise that was drawn, every
 output, the gradient of every parameter, and an inference trace. This tool
 

@@ -6,7 +6,7 @@ its sequences + a templated report. Every random choice comes from streams deriv
 ``(seed, index)``, so a subject is byte-identical whenever it is regenerated, on its own
 or inside any cohort.
 
-    python -m unibrain_hf.data.phantom.generator /tmp/phantom --subjects 6 --size 4
+    python -m unibrain_hf.data.phantom.generator runs/phantom --subjects 6 --size 4
     python -c "from unibrain_hf.data.phantom import generate_subject as g; print(g(0, seed=0, voxel_size=4).findings)"
 """
 

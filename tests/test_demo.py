@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unibrain_hf.demo import FULL, QUICK, DemoPlan, stage_config
+from unibrain_hf.demo import FULL, LOSSES_FILE, QUICK, DemoPlan, read_stage_record, stage_config, write_stage_record
 from unibrain_hf.demo_report import comparisons, loss_trend, plot_loss_curves
 from unibrain_hf.evaluation.results import UnifiedResult, DiagnosisResult, accuracy_summary, image_comparisons
 
@@ -68,6 +68,34 @@ def _records(correct_every, psnr_gain, seed):
                         "reference_correct": right, "diagnosis": f"Final Diagnosis: {parsed}",
                         "imputed": imputed, "copy_input": baseline})
     return records
+
+
+def test_reused_stage_finds_its_checkpoint_after_the_run_folder_moved(tmp_path, monkeypatch):
+    """--reuse-stages on a copied run folder, from another working directory, chains from the copy's checkpoint."""
+    import json
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    stage = tmp_path / "runs" / "demo" / "runs" / "align"
+    (stage / "checkpoints" / "step-0000300").mkdir(parents=True)
+    losses = [{"step": 1, "loss": 1.0}]
+    # The trainer reports the checkpoint relative to the working directory the demo ran in.
+    write_stage_record(stage, 1, losses, "runs/demo/runs/align/checkpoints/step-0000300")
+    assert json.loads((stage / LOSSES_FILE).read_text())["last_checkpoint"] == "checkpoints/step-0000300"
+
+    copy = tmp_path / "elsewhere" / "align"
+    shutil.copytree(stage, copy)
+    shutil.rmtree(tmp_path / "runs")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert read_stage_record(copy) == (copy / "checkpoints" / "step-0000300", losses)
+
+    # A record written by an older version holds the working-directory path; its last part names the checkpoint.
+    (copy / LOSSES_FILE).write_text(json.dumps({"steps": 1, "losses": losses,
+                                                "last_checkpoint": "runs/demo/runs/align/checkpoints/step-0000300"}))
+    assert read_stage_record(copy)[0] == copy / "checkpoints" / "step-0000300"
+    shutil.rmtree(copy / "checkpoints")
+    with pytest.raises(SystemExit, match="step-0000300.*train the stage again"):
+        read_stage_record(copy)
 
 
 def test_comparisons_pair_the_same_subjects_and_decide_the_claims():

@@ -168,6 +168,39 @@ def stage_config(stage: str, out: Path, init: Path, cohort: Path, steps: int, le
     return load_config(None, values)
 
 
+def write_stage_record(folder: Path, steps: int, losses: list[dict], last_checkpoint) -> None:
+    """Record a trained stage's losses and last checkpoint in ``folder`` (read back by --reuse-stages).
+
+    The checkpoint is stored relative to the stage folder, so that a run folder that was copied or
+    moved (or a demo started from another working directory) still finds it.
+    """
+    checkpoint = Path(last_checkpoint)
+    try:
+        stored = str(checkpoint.resolve().relative_to(Path(folder).resolve()))
+    except ValueError:  # outside the stage folder: keep it as it is
+        stored = str(checkpoint)
+    (Path(folder) / LOSSES_FILE).write_text(json.dumps({"steps": steps, "losses": losses,
+                                                         "last_checkpoint": stored}))
+
+
+def read_stage_record(folder: Path) -> tuple[Path, list[dict]]:
+    """(last checkpoint, losses) of a stage trained before; the checkpoint is looked up in ``folder`` first.
+
+    Records written before checkpoints were stored relative to the stage folder hold the path as the
+    run saw it; their last component still names the checkpoint inside ``folder/checkpoints``.
+    """
+    folder = Path(folder)
+    record = json.loads((folder / LOSSES_FILE).read_text())
+    stored = Path(record["last_checkpoint"])
+    candidates = ([] if stored.is_absolute() else [folder / stored]) + [folder / "checkpoints" / stored.name, stored]
+    checkpoint = next((path for path in candidates if path.is_dir()), None)
+    if checkpoint is None:
+        raise SystemExit(f"unibrain demo: error: --reuse-stages: {folder / LOSSES_FILE} names the checkpoint "
+                         f"{stored}, which is not in {folder / 'checkpoints'}; train the stage again without "
+                         f"--reuse-stages")
+    return checkpoint, record["losses"]
+
+
 def _require_plotting() -> None:
     try:
         import matplotlib  # noqa: F401
@@ -215,12 +248,11 @@ def run(args) -> int:
         """
         folder = runs / name
         if args.reuse_stages and (folder / "pipeline" / "model_index.json").exists():
-            record = json.loads((folder / LOSSES_FILE).read_text())
+            checkpoint, losses = read_stage_record(folder)
             clock.done(f"{title} (reused)")
-            return folder / "pipeline", Path(record["last_checkpoint"]), record["losses"]
+            return folder / "pipeline", checkpoint, losses
         result = train(config, progress=True)
-        (folder / LOSSES_FILE).write_text(json.dumps({"steps": result.steps, "losses": result.losses,
-                                                      "last_checkpoint": str(result.last_checkpoint)}))
+        write_stage_record(folder, result.steps, result.losses, result.last_checkpoint)
         clock.done(title)
         return result.export_dir, result.last_checkpoint, result.losses
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unibrain_hf.demo import FULL, LOSSES_FILE, QUICK, DemoPlan, read_stage_record, stage_config, write_stage_record
+from unibrain_hf.demo import (FULL, LOSSES_FILE, QUICK, DemoPlan, read_stage_record, stage_config, vae_recipe,
+                              write_stage_record)
 from unibrain_hf.demo_report import comparisons, loss_trend, plot_loss_curves
 from unibrain_hf.evaluation.results import UnifiedResult, DiagnosisResult, accuracy_summary, image_comparisons
 
@@ -23,6 +24,8 @@ def test_plan_assignments_are_typed_and_checked():
     assert FULL.unified_steps != 2500  # a copy, the preset is unchanged
     with pytest.raises(SystemExit, match="FIELD one of"):
         FULL.replace(["no_such_field=1"])
+    recipe = vae_recipe(FULL.replace(["vae_latent_channels=8", "vae_downsample=8"]))
+    assert (recipe.latent_channels, recipe.downsample, recipe.steps) == (8, 8, FULL.vae_steps)
     with pytest.raises(SystemExit, match="not a int"):
         FULL.replace(["layers=four"])
 

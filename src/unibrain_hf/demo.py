@@ -44,7 +44,8 @@ class DemoPlan:
     # bootstrap: the VAE (its reconstruction is the ceiling of every imputation) and the model's latent geometry
     vae_steps: int = 1500
     vae_downsample: int = 4
-    vae_channels: int = 16
+    vae_channels: int = 16  # the encoder's base width
+    vae_latent_channels: int = 16  # channels of the latent (FLUX: 16); a token carries patch² × this many numbers
     vae_lr: float = 2e-3
     latent_patch_size: int = 2
     hidden_size: int = 128
@@ -168,6 +169,14 @@ def stage_config(stage: str, out: Path, init: Path, cohort: Path, steps: int, le
     return load_config(None, values)
 
 
+def vae_recipe(plan: DemoPlan):
+    """The plan's VAE: its size, latent channels and fit (the model's latent geometry follows it)."""
+    from .train.bootstrap import VaeRecipe
+
+    return VaeRecipe(steps=plan.vae_steps, downsample=plan.vae_downsample, base_channels=plan.vae_channels,
+                     latent_channels=plan.vae_latent_channels, learning_rate=plan.vae_lr)
+
+
 def write_stage_record(folder: Path, steps: int, losses: list[dict], last_checkpoint) -> None:
     """Record a trained stage's losses and last checkpoint in ``folder`` (read back by --reuse-stages).
 
@@ -213,7 +222,7 @@ def run(args) -> int:
     import torch
 
     from .data.phantom.generator import generate_cohort
-    from .train.bootstrap import VaeRecipe, bootstrap_pipeline
+    from .train.bootstrap import bootstrap_pipeline
     from .train.trainer import train
 
     _require_plotting()
@@ -232,10 +241,9 @@ def run(args) -> int:
     clock.done("cohort")
     init = out / "init"
     if not (init / "model_index.json").exists():
-        recipe = VaeRecipe(steps=plan.vae_steps, downsample=plan.vae_downsample, base_channels=plan.vae_channels,
-                           learning_rate=plan.vae_lr)
         bootstrap_pipeline(cohort, init, image_size=plan.image_size, hidden_size=plan.hidden_size,
-                           layers=plan.layers, heads=plan.heads, kv_heads=plan.kv_heads, seed=args.seed, vae=recipe,
+                           layers=plan.layers, heads=plan.heads, kv_heads=plan.kv_heads, seed=args.seed,
+                           vae=vae_recipe(plan),
                            latent_patch_size=plan.latent_patch_size, progress=True,
                            velocity_head_std=plan.velocity_head_std or None)
     clock.done("bootstrap")

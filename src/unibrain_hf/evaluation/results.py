@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..protocol.diagnosis import find_class_word
 from ..utils.atomic import atomic_file
 from .report import markdown_table, write_metrics_json, write_summary_markdown
 from .statistics import Interval, best_constant_answer, bootstrap_mean, confusion_matrix, paired_difference
@@ -85,12 +86,9 @@ def names_a_lesion(text: str | None, rules) -> bool:
     Applied to the impression of a normal subject, this is a hallucinated finding: "ring-enhancing
     mass ... glioblastoma" names ``Gli``. Negation is not understood ("no infarct" counts).
     """
-    import re
-
     if not text:
         return False
-    return any(re.search(r"\b" + re.escape(word), text, flags=re.IGNORECASE)
-               for word in rules.class_words if word != NORMAL_CLASS)
+    return any(find_class_word(text, word) for word in rules.class_words if word != NORMAL_CLASS)
 
 
 def impression_findings_on_normal(per_subject: list[dict], rules) -> dict | None:

@@ -177,6 +177,15 @@ def final_diagnosis_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def find_class_word(text: str, word: str, word_start_only: bool = True):
+    """The first occurrence of class word ``word`` in ``text`` (a ``re.Match``), or ``None``.
+
+    Case-insensitive. With ``word_start_only`` the word must begin a word, so "negligible" does not
+    read as "Gli" nor "abnormal" as "Normal", while stems still match ("glioblastoma" → "Gli").
+    """
+    return re.search((r"\b" if word_start_only else "") + re.escape(word), text, flags=re.IGNORECASE)
+
+
 def parse_diagnosis_label(
     text: str, class_words: Iterable[str] | None = None, *, word_start_only: bool = True
 ) -> str | None:
@@ -197,8 +206,7 @@ def parse_diagnosis_label(
     best: tuple[int, int, str] | None = None
     for word in words:
         _check_class_word(word, "class_words")
-        pattern = (r"\b" if word_start_only else "") + re.escape(word)
-        found = re.search(pattern, text, flags=re.IGNORECASE)
+        found = find_class_word(text, word, word_start_only)
         if found is None:
             continue
         candidate = (found.start(), -len(word), word)
@@ -211,5 +219,5 @@ def parse_diagnosis_label(
 REFERENCE_UNUSED_CLASS = "Normal"
 
 __all__ = ["SubjectMatcher", "DEFAULT_CLASS_RULES", "DEFAULT_FALLBACK_CLASS", "DiagnosisRules", "DEFAULT_RULES",
-           "RulesLike", "as_rules", "ground_truth_class", "is_correct", "final_diagnosis_line", "parse_diagnosis_label",
-           "REFERENCE_UNUSED_CLASS"]
+           "RulesLike", "as_rules", "ground_truth_class", "is_correct", "final_diagnosis_line", "find_class_word",
+           "parse_diagnosis_label", "REFERENCE_UNUSED_CLASS"]

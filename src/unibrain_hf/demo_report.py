@@ -79,7 +79,7 @@ def lookup_table_baseline(cohort: Path, split: str, subjects: list[str], source:
     score. Returns ``{"per_subject": {subject: {target: {"psnr", "ssim"}}}, "per_target": means}``.
     """
     from .data.radgenome import iter_subject_records
-    from .evaluation.cohort import evaluation_slice_index, scaled_volumes
+    from .evaluation.cohort import evaluation_slices, scaled_volumes
     from .evaluation.metrics import psnr, ssim
 
     sums = {t: np.zeros(256) for t in targets}
@@ -94,16 +94,11 @@ def lookup_table_baseline(cohort: Path, split: str, subjects: list[str], source:
             counts[target] += np.bincount(values, minlength=256)
             sums[target] += np.bincount(values, weights=volumes[target].ravel(), minlength=256)
     tables = {t: np.round(sums[t] / np.maximum(counts[t], 1)).astype(np.uint8) for t in targets}
-    wanted, per_subject = set(subjects), {}
-    for record in iter_subject_records(cohort, split=split):
-        if record.subject_id in wanted:
-            volumes = scaled_volumes(record, [source, *targets])
-            index = evaluation_slice_index(record)
-            per_subject[record.subject_id] = {}
-            for target in targets:
-                predicted = tables[target][volumes[source][index]]
-                per_subject[record.subject_id][target] = {"psnr": psnr(volumes[target][index], predicted),
-                                                          "ssim": ssim(volumes[target][index], predicted)}
+    per_subject = {}
+    for subject, slices in evaluation_slices(cohort, split, subjects, [source, *targets]).items():
+        predicted = {t: tables[t][slices[source]] for t in targets}
+        per_subject[subject] = {t: {"psnr": psnr(slices[t], predicted[t]), "ssim": ssim(slices[t], predicted[t])}
+                                for t in targets}
     per_target = {t: {m: float(np.mean([per_subject[s][t][m] for s in subjects])) for m in ("psnr", "ssim")}
                   for t in targets}
     return {"per_subject": per_subject, "per_target": per_target}

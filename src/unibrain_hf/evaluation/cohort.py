@@ -192,6 +192,20 @@ def evaluation_slice_index(record) -> int:
     return middle_lesion_slice(record.mask, record.shape_zyx[0])
 
 
+def evaluation_slices(cohort_dir, split: str, subject_ids: list[str], codes: list[str]) -> dict[str, dict]:
+    """``{subject: {code: scored uint8 slice}}`` for the wanted subjects of a split, in ``subject_ids`` order.
+
+    Subjects absent from the split are left out; a subject without one of ``codes`` raises
+    :class:`SkipSubject` (as :func:`scaled_volumes`).
+    """
+    wanted, found = set(subject_ids), {}
+    for record in iter_subject_records(cohort_dir, split=split):
+        if record.subject_id in wanted:
+            volumes, index = scaled_volumes(record, codes), evaluation_slice_index(record)
+            found[record.subject_id] = {code: volumes[code][index] for code in codes}
+    return {subject: found[subject] for subject in subject_ids if subject in found}
+
+
 def record_affine(spacing, direction, z_stride: int = 1) -> np.ndarray:
     """The voxel → RAS affine of a (x, y, z) array from SimpleITK-style spacing and LPS direction.
 
@@ -206,5 +220,5 @@ def record_affine(spacing, direction, z_stride: int = 1) -> np.ndarray:
 
 
 __all__ = ["CohortIndex", "DIAGNOSIS_ALSO_REQUIRED", "SkipSubject", "check_codes", "check_positive_int",
-           "evaluation_slice_index", "index_cohort", "iter_records", "record_affine", "scaled_volumes",
+           "evaluation_slice_index", "evaluation_slices", "index_cohort", "iter_records", "record_affine", "scaled_volumes",
            "select_subjects", "subject_generator", "subject_seed"]

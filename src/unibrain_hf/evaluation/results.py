@@ -40,14 +40,15 @@ def mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _capped(value: float) -> float:
+def cap_psnr(value: float) -> float:
+    """A PSNR value capped at :data:`PSNR_CAP`, as every averaged or compared PSNR is."""
     return min(float(value), PSNR_CAP)
 
 
 def image_series(per_subject: list[dict], key: str, target: str, metric: str) -> list[float]:
     """One value per subject of ``record[key][target][metric]`` (PSNR capped at :data:`PSNR_CAP`)."""
     values = [float(record[key][target][metric]) for record in per_subject]
-    return [_capped(v) for v in values] if metric == "psnr" else values
+    return [cap_psnr(v) for v in values] if metric == "psnr" else values
 
 
 def image_means(per_subject: list[dict], targets: list[str], key: str) -> dict:
@@ -55,7 +56,7 @@ def image_means(per_subject: list[dict], targets: list[str], key: str) -> dict:
     per_target = {target: {"psnr": mean(image_series(per_subject, key, target, "psnr")),
                            "ssim": mean(image_series(per_subject, key, target, "ssim"))} for target in targets}
     # Each subject counts once: its mean over targets, then the mean over subjects (= reference for one target).
-    overall_psnr = mean(mean(_capped(r[key][t]["psnr"]) for t in targets) for r in per_subject)
+    overall_psnr = mean(mean(cap_psnr(r[key][t]["psnr"]) for t in targets) for r in per_subject)
     overall_ssim = mean(mean(r[key][t]["ssim"] for t in targets) for r in per_subject)
     return {"psnr": overall_psnr, "ssim": overall_ssim, "num_subjects": len(per_subject), "per_target": per_target}
 
@@ -73,7 +74,7 @@ def lesion_comparisons(per_subject: list[dict], targets: list[str], ours: str = 
     """``{target: Interval-dict}`` of ours − baseline lesion-region PSNR over the subjects that have a lesion."""
     comparisons = {}
     for target in targets:
-        pairs = [(_capped(r[ours][target]["lesion_psnr"]), _capped(r[baseline][target]["lesion_psnr"]))
+        pairs = [(cap_psnr(r[ours][target]["lesion_psnr"]), cap_psnr(r[baseline][target]["lesion_psnr"]))
                  for r in per_subject if "lesion_psnr" in r[ours][target] and "lesion_psnr" in r[baseline][target]]
         if pairs:
             comparisons[target] = paired_difference([a for a, _ in pairs], [b for _, b in pairs]).to_dict()
@@ -324,6 +325,6 @@ def is_finite_number(value) -> bool:
 
 
 __all__ = ["DiagnosisResult", "EvaluationResult", "GenerationResult", "NORMAL_CLASS", "PSNR_CAP", "UnifiedResult",
-           "accuracy_summary", "accuracy_table", "confusion_table", "image_comparisons", "image_means",
+           "accuracy_summary", "accuracy_table", "cap_psnr", "confusion_table", "image_comparisons", "image_means",
            "image_series", "image_table", "impression_findings_on_normal", "interval_text", "lesion_comparisons",
            "mean", "names_a_lesion", "per_subject_image_table", "write_predictions"]

@@ -23,27 +23,14 @@ import numpy as np
 import torch
 
 from . import calls
+from .cohort import evaluation_slices
 from .metrics import psnr as _psnr
-from .results import PSNR_CAP
+from .results import cap_psnr
 from .statistics import paired_difference
 
 
 def psnr(truth, image) -> float:
-    """PSNR capped like every reported PSNR (identical images would otherwise give infinity)."""
-    return min(float(_psnr(truth, image)), PSNR_CAP)
-
-
-def _slices(cohort, split: str, subjects: list[str], source: str, targets: list[str]) -> list[tuple]:
-    from ..data.radgenome import iter_subject_records
-    from .cohort import evaluation_slice_index, scaled_volumes
-
-    wanted, found = set(subjects), {}
-    for record in iter_subject_records(cohort, split=split):
-        if record.subject_id in wanted:
-            volumes = scaled_volumes(record, [source, *targets])
-            index = evaluation_slice_index(record)
-            found[record.subject_id] = (volumes[source][index], {t: volumes[t][index] for t in targets})
-    return [(subject, *found[subject]) for subject in subjects if subject in found]
+    return cap_psnr(_psnr(truth, image))  # identical images would otherwise give infinity
 
 
 def input_specificity(pipe, cohort, split: str, subjects: list[str], source: str, targets: list[str],
@@ -53,26 +40,27 @@ def input_specificity(pipe, cohort, split: str, subjects: list[str], source: str
     Every subject is imputed with the generation task from ``source`` alone, with the flow noise of
     ``torch.Generator().manual_seed(seed)``; pairs of slices of different shapes are left out.
     """
-    rows = _slices(cohort, split, subjects, source, targets)
-    if len(rows) < 2:
-        raise ValueError(f"input_specificity needs at least two subjects with {source} and {targets}, got {len(rows)}")
+    slices = list(evaluation_slices(cohort, split, subjects, [source, *targets]).values())
+    if len(slices) < 2:
+        raise ValueError(f"input_specificity needs at least two subjects with {source} and {targets}, "
+                         f"got {len(slices)}")
     imputed = []
-    for _, source_slice, _ in rows:
-        rgb, _ = calls.impute_slice(pipe, {source: source_slice}, targets, torch.Generator().manual_seed(seed),
+    for subject in slices:
+        rgb, _ = calls.impute_slice(pipe, {source: subject[source]}, targets, torch.Generator().manual_seed(seed),
                                     num_inference_steps, task="generation", **settings)
         imputed.append({t: calls.reference_ensemble([rgb[t]]) for t in targets})
-    out = {"subjects": len(rows), "seed": seed}
+    out = {"subjects": len(slices), "seed": seed}
     for target in targets:
-        truths = [truth[target] for _, _, truth in rows]
+        truths = [subject[target] for subject in slices]
         outputs = [images[target] for images in imputed]
         own, other = [], []
         for i, output in enumerate(outputs):
-            others = [psnr(truths[j], output) for j in range(len(rows))
+            others = [psnr(truths[j], output) for j in range(len(slices))
                       if j != i and truths[j].shape == output.shape]
             if others:
                 own.append(psnr(truths[i], output))
                 other.append(float(np.mean(others)))
-        pairs = [(i, j) for i, j in combinations(range(len(rows)), 2) if outputs[i].shape == outputs[j].shape]
+        pairs = [(i, j) for i, j in combinations(range(len(slices)), 2) if outputs[i].shape == outputs[j].shape]
         out[target] = {
             "own_truth_psnr": float(np.mean(own)),
             "other_truths_psnr": float(np.mean(other)),

@@ -1,15 +1,17 @@
-"""The main job's recipe plumbing and report logic, without training (CI runs ``unibrain demo --quick``).
+"""The main job's recipe plumbing and report logic (CI runs ``unibrain demo --quick``; one test here re-scores a copy of it).
 
     HF_HUB_OFFLINE=1 python -m pytest tests/test_demo.py -q
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from unibrain_hf.demo import (FULL, LOSSES_FILE, QUICK, DemoPlan, read_stage_record, stage_config, vae_recipe,
+from unibrain_hf.demo import (FULL, LOSSES_FILE, QUICK, read_stage_record, stage_config, vae_recipe,
                               write_stage_record)
 from unibrain_hf.demo_report import comparisons, loss_trend, plot_loss_curves
 from unibrain_hf.evaluation.results import UnifiedResult, DiagnosisResult, accuracy_summary, image_comparisons
@@ -75,7 +77,6 @@ def _records(correct_every, psnr_gain, seed):
 
 def test_reused_stage_finds_its_checkpoint_after_the_run_folder_moved(tmp_path, monkeypatch):
     """--reuse-stages on a copied run folder, from another working directory, chains from the copy's checkpoint."""
-    import json
     import shutil
 
     monkeypatch.chdir(tmp_path)
@@ -175,3 +176,37 @@ def test_intensity_lookup_baseline_remaps_contrast_and_keeps_anatomy(tmp_path):
         truth = scaled_volumes(record, ["t2w"])["t2w"][evaluation_slice_index(record)]
         blank.append(psnr(truth, np.zeros_like(truth)))
     assert found["per_target"]["t2w"]["psnr"] > np.mean(blank) + 3
+
+
+def test_quick_demo_rescored_from_a_copied_folder_reuses_every_stage(tmp_path, monkeypatch):
+    """The ablation path of docs/DEMO_RUN.md: copy a run, re-score it from elsewhere with --reuse-stages."""
+    import shutil
+
+    from unibrain_hf.demo import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--quick", "--out", "runs/demo"]) == 0
+    shutil.copytree(tmp_path / "runs" / "demo", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "copy" / "report")
+    shutil.rmtree(tmp_path / "runs")  # nothing of the first run is left to read
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    assert main(["--quick", "--out", "../copy", "--reuse-stages", "--set", "inference_steps=3"]) == 0
+    summary = json.loads((tmp_path / "copy" / "report" / "demo.json").read_text())
+    assert {name for name in summary["phases"] if name.endswith("(reused)")} == {
+        "stage 1 (align) (reused)", "stage 2 (unified) (reused)", "stage 3 (dhs) (reused)"}
+    assert summary["plan"]["inference_steps"] == 3
+
+
+def test_bootstrap_builds_the_vae_latent_the_plan_asks_for(tmp_path):
+    """--set vae_latent_channels reaches the fitted VAE and the model's latent geometry."""
+    from unibrain_hf.data.phantom.generator import generate_cohort
+    from unibrain_hf.train.bootstrap import bootstrap_pipeline
+
+    cohort = generate_cohort(tmp_path / "cohort", 6, seed=0, voxel_size=6.0)
+    plan = QUICK.replace(["vae_latent_channels=4", "vae_steps=0"])
+    out = bootstrap_pipeline(cohort, tmp_path / "init", image_size=plan.image_size, hidden_size=plan.hidden_size,
+                             layers=plan.layers, vae=vae_recipe(plan), log=lambda *_: None)
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    model_config = json.loads((out / "model" / "config.json").read_text())
+    assert vae_config["latent_channels"] == 4 and model_config["latent_channels"] == 4

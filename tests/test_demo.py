@@ -36,8 +36,10 @@ def test_stage_config_carries_the_plan(tmp_path):
     (tmp_path / "cohort").mkdir()
     (tmp_path / "init").mkdir()
     config = stage_config("unified", tmp_path / "runs", tmp_path / "init", tmp_path / "cohort", 40, 5e-4,
-                          QUICK.replace(["lr_scheduler=cosine", "min_lr_ratio=0.2", "tokens_per_step=512"]))
+                          QUICK.replace(["lr_scheduler=cosine", "min_lr_ratio=0.2", "tokens_per_step=512",
+                                         "ema_decay=0.99"]))
     assert config.train.max_steps == 40 and config.train.learning_rate == 5e-4
+    assert config.train.ema_decay == 0.99
     assert (config.train.lr_scheduler, config.train.min_lr_ratio) == ("cosine", 0.2)
     assert config.data.expected_num_tokens == 512 and config.data.image_size == QUICK.image_size
 

@@ -62,6 +62,7 @@ class DemoPlan:
     dhs_lr: float = 2e-4
     lr_scheduler: str = "cosine"
     min_lr_ratio: float = 0.1
+    ema_decay: float = 0.95  # decay of the weight average each stage exports (0.95: about the last 20 steps)
     tokens_per_step: int = 1024
     # Condition dropout of stages 2-3 (what classifier-free guidance learns from). 0.1 rather than the
     # reference's 0.3, and no guidance below: at this scale both measured better on the validation
@@ -159,7 +160,7 @@ def stage_config(stage: str, out: Path, init: Path, cohort: Path, steps: int, le
               f"data.prefer_buffer_before={plan.tokens_per_step // 2}", f"train.max_steps={steps}",
               f"train.save_every={max(steps, 1)}", f"train.warmup_steps={max(1, steps // 20)}",
               f"train.learning_rate={learning_rate}", f"train.lr_scheduler={plan.lr_scheduler}",
-              f"train.min_lr_ratio={plan.min_lr_ratio}", "train.ema_decay=0.95", "train.log_every=10",
+              f"train.min_lr_ratio={plan.min_lr_ratio}", f"train.ema_decay={plan.ema_decay}", "train.log_every=10",
               f"train.mse_weight={plan.mse_weight}",
               f"train.output_dir={out / stage}", f"train.seed={seed}", f"train.data_seed={seed + 1}"]
     if stage != "align":  # stage 1 keeps the reference's condition dropout

@@ -1,6 +1,6 @@
 """The main job: a synthetic cohort → a small UniBrain trained through all three stages → a report.
 
-    unibrain demo --out runs/demo            # ~20 minutes of 2 CPU cores
+    unibrain demo --out runs/demo            # ~25 minutes of 2 CPU cores
     unibrain demo --out runs/demo --quick    # a few steps of everything (a smoke test, ~2 minutes)
     unibrain demo --out runs/abl --eval-split val --set unified_steps=2000   # an ablation, scored on val
 
@@ -45,7 +45,10 @@ class DemoPlan:
     vae_steps: int = 1500
     vae_downsample: int = 4
     vae_channels: int = 16  # the encoder's base width
-    vae_latent_channels: int = 16  # channels of the latent (FLUX: 16); a token carries patch² × this many numbers
+    # Channels of the latent (FLUX: 16); a token carries patch² × this many numbers. 8 rather than 16: with 16
+    # a token holds 64 numbers for 64 pixels (no compression) and the generator followed its input less
+    # (docs/DEMO_RUN.md, ablations P and Q), for a ceiling only 0.3 dB lower.
+    vae_latent_channels: int = 8
     vae_lr: float = 2e-3
     latent_patch_size: int = 2
     hidden_size: int = 128
@@ -56,7 +59,7 @@ class DemoPlan:
     # the three stages
     align_steps: int = 300
     align_lr: float = 1e-3
-    unified_steps: int = 3000
+    unified_steps: int = 6000  # 3000 in rows A-P of the ablations; doubling moved every image number up (K, Q)
     unified_lr: float = 8e-4
     dhs_steps: int = 250
     dhs_lr: float = 2e-4

@@ -1,4 +1,6 @@
-"""The main job's recipe plumbing and report logic (CI runs ``unibrain demo --quick``; one test here re-scores a copy of it).
+"""The main job's recipe plumbing and report logic.
+
+CI runs ``unibrain demo --quick``; one test here re-scores a copy of it.
 
     HF_HUB_OFFLINE=1 python -m pytest tests/test_demo.py -q
 """

@@ -220,5 +220,5 @@ def record_affine(spacing, direction, z_stride: int = 1) -> np.ndarray:
 
 
 __all__ = ["CohortIndex", "DIAGNOSIS_ALSO_REQUIRED", "SkipSubject", "check_codes", "check_positive_int",
-           "evaluation_slice_index", "evaluation_slices", "index_cohort", "iter_records", "record_affine", "scaled_volumes",
-           "select_subjects", "subject_generator", "subject_seed"]
+           "evaluation_slice_index", "evaluation_slices", "index_cohort", "iter_records", "record_affine",
+           "scaled_volumes", "select_subjects", "subject_generator", "subject_seed"]

@@ -285,6 +285,7 @@ def plot_loss_curves(path: Path, curves: dict[str, list[dict]]) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     figure, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 3.8), squeeze=False)
     for axis, (name, records) in zip(axes[0], curves.items()):
@@ -304,7 +305,15 @@ def plot_loss_curves(path: Path, curves: dict[str, list[dict]]) -> Path:
                                            f"{trend['last_10pct']:.3f} ({100 * trend['relative_change']:+.0f} %)"
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("optimiser step")
-        axis.set_ylabel("training loss")
+        # Log scale: stage 2 falls by an order of magnitude early, then keeps falling slowly; on a linear
+        # axis that late fall (what longer training would still buy) is invisible.
+        axis.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 0.4, not 4 × 10⁻¹
+        axis.yaxis.set_major_formatter(plain)
+        low, high = axis.get_ylim()
+        # Minor ticks are labelled only where the axis spans about a decade or less (else they overlap).
+        axis.yaxis.set_minor_formatter(plain if high <= 15 * low else NullFormatter())
+        axis.set_ylabel("training loss (log scale)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.suptitle("Training losses per stage (per-step values faint, moving averages solid)", fontsize=11)

@@ -44,6 +44,11 @@ def test_stage_config_carries_the_plan(tmp_path):
     assert config.train.ema_decay == 0.99
     assert (config.train.lr_scheduler, config.train.min_lr_ratio) == ("cosine", 0.2)
     assert config.data.expected_num_tokens == 512 and config.data.image_size == QUICK.image_size
+    # the ViT's copy: by default the largest multiple of its 14-pixel patch within the slice, else as set
+    assert (config.data.vit_max_size, config.data.vit_min_size) == (QUICK.image_size - QUICK.image_size % 14, 28)
+    bigger = stage_config("align", tmp_path / "runs", tmp_path / "init", tmp_path / "cohort", 4, 1e-3,
+                          QUICK.replace(["vit_image_size=84"]))
+    assert (bigger.data.vit_max_size, bigger.data.vit_min_size) == (84, 84)
 
 
 def _image_record(subject, ours, copy, target="t2f"):
@@ -214,3 +219,29 @@ def test_bootstrap_builds_the_vae_latent_the_plan_asks_for(tmp_path):
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     model_config = json.loads((out / "model" / "config.json").read_text())
     assert vae_config["latent_channels"] == 4 and model_config["latent_channels"] == 4
+
+
+def test_bootstrap_sizes_the_vit_copy_as_the_plan_asks_and_refuses_sizes_off_the_patch_grid(tmp_path):
+    """--set vit_image_size reaches the processor that inference uses; a bad size fails before any fitting."""
+    from unibrain_hf.data.phantom.generator import generate_cohort
+    from unibrain_hf.demo import main
+    from unibrain_hf.processing.processor import UniBrainProcessor
+    from unibrain_hf.train.bootstrap import bootstrap_pipeline
+
+    cohort = generate_cohort(tmp_path / "cohort", 6, seed=0, voxel_size=6.0)
+    plan = QUICK.replace(["vit_image_size=84", "vae_steps=0"])
+    out = bootstrap_pipeline(cohort, tmp_path / "init", image_size=plan.image_size, hidden_size=plan.hidden_size,
+                             layers=plan.layers, vae=vae_recipe(plan), log=lambda *_: None,
+                             vit_image_size=plan.vit_image_size)
+    processor = UniBrainProcessor.from_pretrained(out / "processor")
+    image = np.zeros((plan.image_size, plan.image_size, 3), dtype=np.uint8)
+    assert processor.vit_resize.target_size(plan.image_size, plan.image_size) == (84, 84)
+    assert processor.vit_resize(Image.fromarray(image)).size == (84, 84)
+    for bad in (50, 2 * plan.image_size + 14):
+        with pytest.raises(ValueError, match="vit_image_size"):
+            bootstrap_pipeline(cohort, tmp_path / f"bad{bad}", image_size=plan.image_size, vit_image_size=bad,
+                               vae=vae_recipe(plan), log=lambda *_: None)
+        assert not (tmp_path / f"bad{bad}").exists()
+        with pytest.raises(SystemExit, match="vit_image_size"):
+            main(["--quick", "--out", str(tmp_path / "demo"), "--set", f"vit_image_size={bad}"])
+        assert not (tmp_path / "demo").exists()

@@ -51,6 +51,9 @@ class DemoPlan:
     vae_latent_channels: int = 8
     vae_lr: float = 2e-3
     latent_patch_size: int = 2
+    # Side of the ViT's (understanding) copy of a slice, a multiple of its 14-pixel patch; 0: the largest
+    # multiple of 14 not above image_size (56 for 64² slices: a 4 × 4 grid of patches).
+    vit_image_size: int = 0
     hidden_size: int = 128
     layers: int = 4
     heads: int = 4
@@ -99,6 +102,11 @@ class DemoPlan:
             except ValueError:
                 raise SystemExit(f"unibrain demo: error: --set {assignment!r}: {text!r} is not a {kind.__name__}")
         return dataclasses.replace(self, **changes)
+
+    @property
+    def vit_size(self) -> int:
+        """Side of the ViT's copy of a slice (see ``vit_image_size``)."""
+        return self.vit_image_size or self.image_size - self.image_size % 14
 
     @property
     def target_list(self) -> list[str]:
@@ -156,8 +164,8 @@ def stage_config(stage: str, out: Path, init: Path, cohort: Path, steps: int, le
 
     size = plan.image_size
     values = [f"stage={stage}", f"model.pretrained={init}", f"data.path={cohort}", f"data.image_size={size}",
-              f"data.vae_max_size={size}", f"data.vae_min_size={size}", f"data.vit_max_size={size - size % 14}",
-              "data.vit_min_size=28", f"data.expected_num_tokens={plan.tokens_per_step}",
+              f"data.vae_max_size={size}", f"data.vae_min_size={size}", f"data.vit_max_size={plan.vit_size}",
+              f"data.vit_min_size={plan.vit_image_size or 28}", f"data.expected_num_tokens={plan.tokens_per_step}",
               f"data.max_num_tokens={plan.tokens_per_step * 3 // 2}",
               f"data.max_num_tokens_per_sample={plan.tokens_per_step * 3 // 2}",
               f"data.prefer_buffer_before={plan.tokens_per_step // 2}", f"train.max_steps={steps}",
@@ -231,6 +239,9 @@ def run(args) -> int:
 
     _require_plotting()
     plan = (QUICK if args.quick else FULL).replace(args.assignments)
+    if plan.vit_image_size and (plan.vit_image_size % 14 or not 0 < plan.vit_image_size <= 2 * plan.image_size):
+        raise SystemExit(f"unibrain demo: error: --set vit_image_size={plan.vit_image_size}: expected 0 or a "
+                         f"multiple of the ViT's 14-pixel patch, at most 2 × image_size = {2 * plan.image_size}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -248,7 +259,8 @@ def run(args) -> int:
         bootstrap_pipeline(cohort, init, image_size=plan.image_size, hidden_size=plan.hidden_size,
                            layers=plan.layers, heads=plan.heads, kv_heads=plan.kv_heads, seed=args.seed,
                            vae=vae_recipe(plan),
-                           latent_patch_size=plan.latent_patch_size, progress=True,
+                           latent_patch_size=plan.latent_patch_size, vit_image_size=plan.vit_image_size or None,
+                           progress=True,
                            velocity_head_std=plan.velocity_head_std or None)
     clock.done("bootstrap")
     runs = out / "runs"

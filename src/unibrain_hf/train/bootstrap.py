@@ -271,13 +271,16 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
                        layers: int = 4, vae_steps: int = 200, vocab_size: int = 1024, seed: int = 0,
                        log=print, vae: VaeRecipe | None = None, latent_patch_size: int = 2, heads: int = 4,
                        kv_heads: int = 2, intermediate_size: int | None = None, progress: bool = False,
-                       slices_per_sequence: int = 6, velocity_head_std: float | None = None) -> Path:
+                       slices_per_sequence: int = 6, velocity_head_std: float | None = None,
+                       vit_image_size: int | None = None) -> Path:
     """Write a starting pipeline directory (model / vae / tokenizer / processor / scheduler) to ``out_dir``.
 
     ``vae`` (a :class:`VaeRecipe`) sets the VAE's size and fit (default: ``vae_steps`` steps of FLUX's
     8× layout); the model's latent geometry (``vae_downsample``, ``latent_channels``) follows it.
     ``out_dir/vae_fit.json`` records the fit: settings, losses and the reconstruction PSNR/SSIM of the
-    validation split's evaluation slices (the ceiling of every imputation).
+    validation split's evaluation slices (the ceiling of every imputation). ``vit_image_size`` is the side
+    the processor resizes a slice to for the ViT (default: the largest multiple of 14 not above
+    ``image_size``, smaller slices no smaller than 28).
     """
     from ..data.radgenome import iter_subject_records
     from ..pipelines.components import save_pipeline_components
@@ -285,6 +288,11 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
     from ..utils.atomic import atomic_directory
 
     recipe = vae or VaeRecipe(steps=vae_steps)
+    if vit_image_size is not None and not (isinstance(vit_image_size, int) and vit_image_size > 0
+                                           and vit_image_size % 14 == 0 and vit_image_size <= 2 * image_size):
+        # the model's ViT position grid covers images up to twice the slice size (build_model below)
+        raise ValueError(f"vit_image_size must be a positive multiple of the ViT's 14-pixel patch, at most "
+                         f"2 × image_size = {2 * image_size}; got {vit_image_size!r}")
     out_dir = Path(out_dir)
     records = list(iter_subject_records(cohort_dir, split="train"))
     if not records:
@@ -305,9 +313,9 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
                         intermediate_size=intermediate_size, velocity_head_std=velocity_head_std)
     # The minimum VAE size equals the training slice size, so that inference pads a smaller slice to
     # the same square canvas the model was trained on (as UniBrain pads 240² slices to 256²).
+    vit_max, vit_min = (vit_image_size, vit_image_size) if vit_image_size else (image_size - image_size % 14, 28)
     processor = UniBrainProcessor.for_model(model.config, tokenizer, vae_max_size=image_size,
-                                            vae_min_size=image_size, vit_max_size=image_size - image_size % 14,
-                                            vit_min_size=28)
+                                            vae_min_size=image_size, vit_max_size=vit_max, vit_min_size=vit_min)
     record = {"recipe": asdict(recipe), "training_slices": int(len(images)), "image_size": image_size,
               "losses": [round(v, 6) for v in getattr(fitted, "fit_losses", [])],
               "val_reconstruction": ceiling}

@@ -104,11 +104,6 @@ class DemoPlan:
         return dataclasses.replace(self, **changes)
 
     @property
-    def vit_size(self) -> int:
-        """Side of the ViT's copy of a slice (see ``vit_image_size``)."""
-        return self.vit_image_size or self.image_size - self.image_size % 14
-
-    @property
     def target_list(self) -> list[str]:
         return [code.strip() for code in self.targets.split(",") if code.strip()]
 
@@ -160,12 +155,14 @@ class PhaseClock:
 def stage_config(stage: str, out: Path, init: Path, cohort: Path, steps: int, learning_rate: float, plan: DemoPlan,
                  weights=None, seed: int = 0):
     """The training config of one stage: ``configs/tiny_<stage>.yaml``'s settings with the plan's values."""
+    from .train.bootstrap import vit_resize_bounds
     from .train.config import load_config
 
     size = plan.image_size
+    vit_max, vit_min = vit_resize_bounds(size, plan.vit_image_size or None)
     values = [f"stage={stage}", f"model.pretrained={init}", f"data.path={cohort}", f"data.image_size={size}",
-              f"data.vae_max_size={size}", f"data.vae_min_size={size}", f"data.vit_max_size={plan.vit_size}",
-              f"data.vit_min_size={plan.vit_image_size or 28}", f"data.expected_num_tokens={plan.tokens_per_step}",
+              f"data.vae_max_size={size}", f"data.vae_min_size={size}", f"data.vit_max_size={vit_max}",
+              f"data.vit_min_size={vit_min}", f"data.expected_num_tokens={plan.tokens_per_step}",
               f"data.max_num_tokens={plan.tokens_per_step * 3 // 2}",
               f"data.max_num_tokens_per_sample={plan.tokens_per_step * 3 // 2}",
               f"data.prefer_buffer_before={plan.tokens_per_step // 2}", f"train.max_steps={steps}",
@@ -234,14 +231,15 @@ def run(args) -> int:
     import torch
 
     from .data.phantom.generator import generate_cohort
-    from .train.bootstrap import bootstrap_pipeline
+    from .train.bootstrap import bootstrap_pipeline, vit_resize_bounds
     from .train.trainer import train
 
     _require_plotting()
     plan = (QUICK if args.quick else FULL).replace(args.assignments)
-    if plan.vit_image_size and (plan.vit_image_size % 14 or not 0 < plan.vit_image_size <= 2 * plan.image_size):
-        raise SystemExit(f"unibrain demo: error: --set vit_image_size={plan.vit_image_size}: expected 0 or a "
-                         f"multiple of the ViT's 14-pixel patch, at most 2 × image_size = {2 * plan.image_size}")
+    try:  # before anything is written
+        vit_resize_bounds(plan.image_size, plan.vit_image_size or None)
+    except ValueError as err:
+        raise SystemExit(f"unibrain demo: error: --set vit_image_size={plan.vit_image_size}: {err} (0: the default)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -267,6 +267,21 @@ def build_model(tokenizer, hidden_size: int = 128, layers: int = 4, heads: int =
     return model
 
 
+def vit_resize_bounds(image_size: int, vit_image_size: int | None = None) -> tuple[int, int]:
+    """(max, min) side the processor resizes an ``image_size`` slice to for the ViT.
+
+    ``vit_image_size`` fixes both; by default the largest multiple of the 14-pixel patch not above
+    ``image_size``, smaller slices no smaller than 28. A size off the patch grid, or beyond the position
+    grid :func:`build_model` gives the ViT (twice the slice size), is a ``ValueError``.
+    """
+    if vit_image_size is None:
+        return image_size - image_size % 14, 28
+    if not (isinstance(vit_image_size, int) and 0 < vit_image_size <= 2 * image_size and vit_image_size % 14 == 0):
+        raise ValueError(f"vit_image_size must be a positive multiple of the ViT's 14-pixel patch, at most "
+                         f"2 × image_size = {2 * image_size}; got {vit_image_size!r}")
+    return vit_image_size, vit_image_size
+
+
 def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: int = 64, hidden_size: int = 128,
                        layers: int = 4, vae_steps: int = 200, vocab_size: int = 1024, seed: int = 0,
                        log=print, vae: VaeRecipe | None = None, latent_patch_size: int = 2, heads: int = 4,
@@ -278,9 +293,8 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
     ``vae`` (a :class:`VaeRecipe`) sets the VAE's size and fit (default: ``vae_steps`` steps of FLUX's
     8× layout); the model's latent geometry (``vae_downsample``, ``latent_channels``) follows it.
     ``out_dir/vae_fit.json`` records the fit: settings, losses and the reconstruction PSNR/SSIM of the
-    validation split's evaluation slices (the ceiling of every imputation). ``vit_image_size`` is the side
-    the processor resizes a slice to for the ViT (default: the largest multiple of 14 not above
-    ``image_size``, smaller slices no smaller than 28).
+    validation split's evaluation slices (the ceiling of every imputation). ``vit_image_size``: the side
+    of the ViT's copy of a slice (:func:`vit_resize_bounds`).
     """
     from ..data.radgenome import iter_subject_records
     from ..pipelines.components import save_pipeline_components
@@ -288,11 +302,7 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
     from ..utils.atomic import atomic_directory
 
     recipe = vae or VaeRecipe(steps=vae_steps)
-    if vit_image_size is not None and not (isinstance(vit_image_size, int) and vit_image_size > 0
-                                           and vit_image_size % 14 == 0 and vit_image_size <= 2 * image_size):
-        # the model's ViT position grid covers images up to twice the slice size (build_model below)
-        raise ValueError(f"vit_image_size must be a positive multiple of the ViT's 14-pixel patch, at most "
-                         f"2 × image_size = {2 * image_size}; got {vit_image_size!r}")
+    vit_max, vit_min = vit_resize_bounds(image_size, vit_image_size)  # checked before any work
     out_dir = Path(out_dir)
     records = list(iter_subject_records(cohort_dir, split="train"))
     if not records:
@@ -313,7 +323,6 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
                         intermediate_size=intermediate_size, velocity_head_std=velocity_head_std)
     # The minimum VAE size equals the training slice size, so that inference pads a smaller slice to
     # the same square canvas the model was trained on (as UniBrain pads 240² slices to 256²).
-    vit_max, vit_min = (vit_image_size, vit_image_size) if vit_image_size else (image_size - image_size % 14, 28)
     processor = UniBrainProcessor.for_model(model.config, tokenizer, vae_max_size=image_size,
                                             vae_min_size=image_size, vit_max_size=vit_max, vit_min_size=vit_min)
     record = {"recipe": asdict(recipe), "training_slices": int(len(images)), "image_size": image_size,

@@ -205,6 +205,12 @@ def test_quick_demo_rescored_from_a_copied_folder_reuses_every_stage(tmp_path, m
     assert {name for name in summary["phases"] if name.endswith("(reused)")} == {
         "stage 1 (align) (reused)", "stage 2 (unified) (reused)", "stage 3 (dhs) (reused)"}
     assert summary["plan"]["inference_steps"] == 3
+    # the report says where each model's imputation looks, for every target
+    assert set(summary["copy_attention"]) == {"stage 3", "stage 2"}
+    for per_target in summary["copy_attention"].values():
+        assert set(per_target) == set(summary["plan"]["targets"].split(","))
+        assert all(0 <= best["same_position"] <= best["on_input"] <= 1 for best in per_target.values())
+    assert "Where the imputed image looks" in (tmp_path / "copy" / "report" / "summary.md").read_text()
 
 
 def test_bootstrap_builds_the_vae_latent_the_plan_asks_for(tmp_path):

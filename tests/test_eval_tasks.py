@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from unibrain_hf.data.prepare import sitk_geometry
@@ -320,3 +321,85 @@ def test_impression_findings_on_normal_subjects_read_the_whole_impression():
                {"ground_truth": "Gli", "impression": "Glioblastoma."}]
     assert impression_findings_on_normal(records, rules)["mean"] == 0.5
     assert impression_findings_on_normal(records[2:], rules) is None
+
+
+# --------------------------------------------------------------------------------------
+# Copy attention: where the imputed image's tokens look
+# --------------------------------------------------------------------------------------
+
+def test_recorded_attention_probabilities_are_what_the_layer_applied():
+    from types import SimpleNamespace
+
+    from unibrain_hf.modeling.attention import PackedAttentionLayout, packed_attention, recording_attention
+
+    torch.manual_seed(0)
+    layout = PackedAttentionLayout([5, 4], [2, 3, 4], ["causal", "noise", "full"])
+    query, key, value = torch.randn(9, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    module = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"), scaling=8 ** -0.5,
+                             num_key_value_groups=2, training=False)
+    plain = packed_attention(module, query, key, value, layout)
+    with recording_attention() as record:
+        recorded = packed_attention(module, query, key, value, layout)
+    torch.testing.assert_close(recorded, plain, rtol=0, atol=0)  # recording does not change the layer
+    assert len(record) == 1 and [p.shape for p in record[0]] == [(4, 5, 5), (4, 4, 4)]
+    # probabilities @ values (query head h reads KV head h // 2) give the layer's output, sample by sample
+    values = value.repeat_interleave(2, dim=1)
+    rebuilt = torch.cat([torch.einsum("hqk,khd->qhd", p, values[s:e]).reshape(e - s, -1)
+                         for p, (s, e) in zip(record[0], [(0, 5), (5, 9)])])
+    torch.testing.assert_close(rebuilt, plain, rtol=1e-5, atol=1e-5)
+    allowed = layout.dense_masks()[0] == 0
+    assert torch.all(record[0][0][:, ~allowed] == 0) and torch.allclose(record[0][0].sum(-1), torch.ones(4, 5))
+    with recording_attention() as outer, recording_attention() as inner:
+        packed_attention(module, query, key, value, layout)
+    assert len(outer) == len(inner) == 1
+    packed_attention(module, query, key, value, layout)
+    assert len(outer) == 1  # nothing is recorded after the block
+
+
+def test_grid_masses_tell_an_exact_copy_from_a_blur_and_a_uniform_read():
+    from unibrain_hf.evaluation.copy_attention import grid_masses
+
+    rows, cols = 3, 4
+    n = rows * cols
+    queries, keys = torch.arange(2, 2 + n), torch.arange(20, 20 + n)  # two images inside a longer sequence
+    length = 20 + n
+
+    def probabilities(block):
+        full = torch.zeros(1, length, length)
+        full[0, 2:2 + n, 20:20 + n] = block
+        return full
+
+    exact = grid_masses(probabilities(torch.eye(n)), queries, keys, (rows, cols))[0]
+    assert exact.tolist() == [1.0, 1.0, 0.0]
+    uniform = grid_masses(probabilities(torch.full((n, n), 0.5 / n)), queries, keys, (rows, cols))[0]
+    torch.testing.assert_close(uniform[:2], torch.tensor([0.5, 0.5 / n]))
+    # a 3x3 box blur: the exact cell gets 1/9 of the mass read, the 8 neighbours what falls inside the image
+    cell = torch.arange(n)
+    distance = torch.maximum((cell[:, None] // cols - cell[None] // cols).abs(),
+                             (cell[:, None] % cols - cell[None] % cols).abs())
+    blur = grid_masses(probabilities((distance <= 1).float() / 9), queries, keys, (rows, cols))[0]
+    assert float(blur[1]) == pytest.approx(1 / 9) and float(blur[2]) > 2 * float(blur[1])
+    with pytest.raises(ValueError, match="3x4 tokens"):
+        grid_masses(probabilities(torch.eye(n)), queries[:-1], keys, (rows, cols))
+
+
+def test_copy_attention_reads_every_layer_and_head_of_a_pipeline(pipe, cohort_dir):
+    from unibrain_hf.evaluation.copy_attention import copy_attention
+
+    subjects = _subjects_with(cohort_dir, ["t1n", "t2f"], split="test")
+    result = copy_attention(pipe, cohort_dir, "test", subjects, "t1n", "t2f", noise_levels=(0.5, 0.9))
+    config = pipe.model.config.text_config
+    assert result["subjects"] == len(subjects) and len(result["layers"]) == config.num_hidden_layers
+    assert all(len(layer) == config.num_attention_heads for layer in result["layers"])
+    rows, cols = result["grid"]
+    assert result["tokens"] == rows * cols > 1
+    for layer in result["layers"]:
+        for head in layer:
+            assert 0 <= head["same_position"] + head["neighbours"] <= head["on_input"] + 1e-6 <= 1 + 1e-6
+    best = result["sharpest"]
+    assert best["same_position"] == max(h["same_position"] for layer in result["layers"] for h in layer)
+    assert best["uniform_share"] == pytest.approx(1 / result["tokens"])
+    with pytest.raises(ValueError, match="noise_levels"):
+        copy_attention(pipe, cohort_dir, "test", subjects, "t1n", "t2f", noise_levels=(1.0,))
+    with pytest.raises(ValueError, match="no subject"):
+        copy_attention(pipe, cohort_dir, "test", ["NOT-A-SUBJECT"], "t1n", "t2f")

@@ -6,6 +6,8 @@ the target sequences):
 * unified imputation T1n → targets in order, then impression and diagnosis, with the stage-3 (DHS)
   model and with the stage-2 model (claim c: DHS ≥ stage 2, per target position);
 * diagnosis from T1n alone (the diagnosis task) and from all real sequences (the upper bound);
+* where each model's imputed image looks: attention from the target's tokens to the input's
+  (:mod:`unibrain_hf.evaluation.copy_attention`), on the first subjects;
 
 and :func:`write_demo_report` writes ``summary.md`` (tables with the VAE ceiling, per-subject paired
 differences and bootstrap 95 % intervals, confusion matrices, the rate of findings on normal
@@ -24,6 +26,9 @@ import numpy as np
 from .evaluation.results import NORMAL_CLASS, image_series, interval_text
 from .evaluation.statistics import paired_difference
 
+#: Subjects the attention measurement reads (its spread across subjects is small; each costs a few forwards).
+COPY_ATTENTION_SUBJECTS = 8
+
 #: Sequences a phantom tumour/normal subject can have, in the order the upper-bound diagnosis gets them.
 ALL_SEQUENCES = ("t1n", "t1c", "t2w", "t2f", "dwi", "adc")
 
@@ -32,6 +37,7 @@ def evaluate_demo(dhs_dir: Path, stage2_dir: Path, cohort: Path, report: Path, p
                   seed: int = 0) -> dict:
     """Score the stage-3 and stage-2 pipelines on the same held-out subjects (see the module docstring)."""
     from .evaluation.cohort import index_cohort, select_subjects
+    from .evaluation.copy_attention import copy_attention
     from .evaluation.specificity import input_specificity
     from .evaluation.tasks import evaluate_diagnosis, evaluate_unified
     from .pipelines.pipeline_unibrain import UniBrainPipeline
@@ -50,7 +56,9 @@ def evaluate_demo(dhs_dir: Path, stage2_dir: Path, cohort: Path, report: Path, p
     names = dict(item.split("=", 1) for item in plan.target_names.split(",") if "=" in item)
     unified = dict(modalities_in=["t1n"], modalities_out=targets, num_inference_steps=plan.inference_steps,
                    max_new_tokens=plan.max_new_tokens, target_names=names or None, **guidance)
-    results = {"split": split, "subjects": subjects, "targets": targets, "all_sequences": everything}
+    results = {"split": split, "subjects": subjects, "targets": targets, "all_sequences": everything,
+               "copy_attention": {}}
+    first = subjects[:COPY_ATTENTION_SUBJECTS]
     pipe = _load(UniBrainPipeline, dhs_dir)
     results["unified"] = evaluate_unified(pipe, cohort, out_dir=report / "unified_dhs", **unified, **common)
     # The same noise for every subject: does the imputation carry the input's anatomy at all?
@@ -62,10 +70,14 @@ def evaluate_demo(dhs_dir: Path, stage2_dir: Path, cohort: Path, report: Path, p
                                                   max_new_tokens=plan.max_new_tokens, also_required=(), **common)
     results["diagnosis_all"] = evaluate_diagnosis(pipe, cohort, everything, out_dir=report / "diagnosis_all",
                                                   max_new_tokens=plan.max_new_tokens, also_required=(), **common)
+    results["copy_attention"]["stage 3"] = {t: copy_attention(pipe, cohort, split, first, "t1n", t, seed=seed)
+                                            for t in targets}
     del pipe
     stage2 = _load(UniBrainPipeline, stage2_dir)
     results["unified_stage2"] = evaluate_unified(stage2, cohort, out_dir=report / "unified_stage2", **unified,
                                                  **common)
+    results["copy_attention"]["stage 2"] = {t: copy_attention(stage2, cohort, split, first, "t1n", t, seed=seed)
+                                            for t in targets}
     results["lookup_table"] = lookup_table_baseline(cohort, split, subjects, "t1n", targets)
     return results
 
@@ -241,6 +253,25 @@ def dhs_table(results: dict, compared: dict) -> str:
                      "Δ PSNR dB [95% CI]": interval_text(compared["dhs_vs_stage2"][target]["psnr"]),
                      "Δ SSIM [95% CI]": interval_text(compared["dhs_vs_stage2"][target]["ssim"], 3)})
     return markdown_table(rows, list(rows[0]))
+
+
+def copy_attention_table(results: dict) -> str:
+    """Per model and target: the sharpest copy head and how its reading of the input image is spread."""
+    from .evaluation.report import markdown_table
+
+    rows = []
+    for model, per_target in results["copy_attention"].items():
+        for target, measured in per_target.items():
+            best = measured["sharpest"]
+            rows.append({"model": model, "target": target, "head (layer.head)": f"{best['layer']}.{best['head']}",
+                         "attention on the input image": best["on_input"],
+                         "on the same position": best["same_position"],
+                         "on its 8 neighbours": best["neighbours"],
+                         "exact share of the input read (uniform)": f"{best['exact_share']:.2f} "
+                                                                    f"({best['uniform_share']:.3f})"})
+    return markdown_table(rows, ["model", "target", "head (layer.head)", "attention on the input image",
+                                 "on the same position", "on its 8 neighbours",
+                                 "exact share of the input read (uniform)"], float_format="{:.2f}")
 
 
 def diagnosis_table(compared: dict) -> str:
@@ -453,6 +484,12 @@ def write_demo_report(report: Path, results: dict, plan, losses: dict, init: Pat
         ("Time per phase (CPU = user + system seconds; on an idle 2-core machine wall ≈ CPU / 2 for the "
          "two-threaded phases)", markdown_table(phase_rows, ["phase", "wall_s", "cpu_s"], float_format="{:.1f}")),
     ]
+    if results.get("copy_attention"):
+        measured = next(iter(next(iter(results["copy_attention"].values())).values()))
+        tables.insert(3, (f"Where the imputed image looks: attention from the target's noisy tokens to the input "
+                          f"T1n's tokens, the sharpest head of each model (first {measured['subjects']} subjects, "
+                          f"noise levels {', '.join(f'{t:g}' for t in measured['noise_levels'])}; "
+                          f"{measured['tokens']} tokens per image)", copy_attention_table(results)))
     if results.get("specificity"):
         tables.insert(3, (f"Does the imputation follow its input? Generation from T1n with the same flow noise for "
                           f"all {results['specificity']['subjects']} subjects (stage 3 model)",
@@ -480,6 +517,9 @@ def write_demo_report(report: Path, results: dict, plan, losses: dict, init: Pat
         "Impression findings on normal subjects: the impression names a lesion class (word start, anywhere; "
         "negation not understood); 'findings on normal subjects' in the diagnosis table reads the final "
         "diagnosis line only.",
+        "Where the imputed image looks: to carry the input's anatomy, a head must read, for each target token, the "
+        "input token at the same grid position (one token covers a patch of the slice). Mass on the 8 neighbours "
+        "blurs the anatomy by a token's width; a read spread over the whole image carries only contrast and outline.",
         "Lesion-region Δ PSNR: PSNR over the ground-truth lesion's pixels only, imputed minus copy-input, on the "
         "subjects with a lesion on the scored slice.",
         f"Recipe: {plan}.",
@@ -498,6 +538,8 @@ def write_demo_report(report: Path, results: dict, plan, losses: dict, init: Pat
                "arguments": args, "loss_trends": trends, "vae_fit": {k: v for k, v in vae_fit.items() if k != "losses"},
                "metrics": {name: {"metrics": results[name].metrics, "baselines": results[name].baselines}
                            for name in ("unified", "unified_stage2", "diagnosis_t1n", "diagnosis_all")},
-               "specificity": results.get("specificity")}
+               "specificity": results.get("specificity"),
+               "copy_attention": {model: {target: measured["sharpest"] for target, measured in per_target.items()}
+                                  for model, per_target in results.get("copy_attention", {}).items()}}
     write_metrics_json(report / "demo.json", summary)
     return summary

@@ -12,7 +12,8 @@ Samples never see each other. :class:`PackedAttentionLayout` turns split lengths
 either dense float masks (one per sample, for SDPA / eager — the CPU training path) or a flex
 ``BlockMask`` (GPU), and :func:`packed_attention` runs one of the transformers attention
 interfaces over it. :func:`cached_attention` is the inference case: new query tokens against a
-KV cache (bottom-right aligned causal for text, full for image blocks).
+KV cache (bottom-right aligned causal for text, full for image blocks). :func:`recording_attention`
+lets a diagnostic see the attention probabilities of packed forwards (no backend returns them).
 
     python -c "from unibrain_hf.modeling.attention import PackedAttentionLayout as L; \
 print(L([5], [2, 3], ['causal', 'noise']).dense_masks()[0])"
@@ -20,6 +21,7 @@ print(L([5], [2, 3], ['causal', 'noise']).dense_masks()[0])"
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -142,6 +144,42 @@ def _interface(module):
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
+#: Open :func:`recording_attention` blocks; packed_attention checks this list only (empty: no cost).
+_RECORDERS: list[list] = []
+
+
+@contextmanager
+def recording_attention():
+    """Record the attention probabilities of every :func:`packed_attention` call inside the block.
+
+    Yields a list that receives, per call (one per decoder layer, in order), a list with one
+    ``(H, L, L)`` float32 tensor per sample of the pack: softmax of the scaled query·key logits
+    under that sample's mask (rows: queries, columns: keys; masked keys get 0). SDPA and flash
+    kernels never materialise these, so they are recomputed here in the matmul form from the same
+    query, key and mask; the layer's output is unchanged. For diagnostics on small inputs
+    (:mod:`unibrain_hf.evaluation.copy_attention`): the tensors are dense.
+    """
+    record: list = []
+    _RECORDERS.append(record)
+    try:
+        yield record
+    finally:
+        _RECORDERS.remove(record)
+
+
+def _attention_probabilities(module, query: torch.Tensor, key: torch.Tensor,
+                             layout: PackedAttentionLayout) -> list[torch.Tensor]:
+    num_heads, kv_heads = query.shape[1], key.shape[1]
+    key = key.repeat_interleave(num_heads // kv_heads, dim=1)  # query head h reads key head h // groups
+    probabilities, start = [], 0
+    for sample_len, mask in zip(layout.sample_lens, layout.dense_masks(dtype=torch.float32, device=query.device)):
+        end = start + sample_len
+        logits = torch.einsum("qhd,khd->hqk", query[start:end].float(), key[start:end].float()) * module.scaling
+        probabilities.append((logits + mask[None]).softmax(-1).detach())
+        start = end
+    return probabilities
+
+
 def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      layout: PackedAttentionLayout) -> torch.Tensor:
     """Attention over a packed training sequence.
@@ -155,6 +193,10 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     CPU flash kernel gains nothing from bf16 with a float mask), so ``sdpa`` runs it there. Same
     mask, same result within rounding; GPUs keep SDPA (or flex when configured).
     """
+    if _RECORDERS:
+        probabilities = _attention_probabilities(module, query, key, layout)
+        for record in _RECORDERS:
+            record.append(probabilities)
     implementation = module.config._attn_implementation or "sdpa"
     length, num_heads, head_dim = query.shape
     if implementation == "flex_attention":

@@ -403,3 +403,27 @@ def test_copy_attention_reads_every_layer_and_head_of_a_pipeline(pipe, cohort_di
         copy_attention(pipe, cohort_dir, "test", subjects, "t1n", "t2f", noise_levels=(1.0,))
     with pytest.raises(ValueError, match="no subject"):
         copy_attention(pipe, cohort_dir, "test", ["NOT-A-SUBJECT"], "t1n", "t2f")
+
+
+# --------------------------------------------------------------------------------------
+# Predictability: a supervised estimate of the conditional mean
+# --------------------------------------------------------------------------------------
+
+def test_conditional_mean_baseline_learns_an_inverted_contrast_that_copying_cannot(cohort_dir):
+    from unibrain_hf.evaluation.predictability import SAMPLING_PENALTY_DB, conditional_mean_baseline
+
+    result = conditional_mean_baseline(cohort_dir, "t1n", "t2w", eval_split="test", steps=150, width=8,
+                                       slices_per_subject=4)
+    summary = result["summary"]
+    assert len(result["per_subject"]) >= 1 and result["settings"]["training_slices"] > 10
+    # T2w inverts T1n's tissue contrast: copying scores far below a fitted map
+    assert summary["delta_psnr_vs_copy"] > 3 and summary["ssim"] > summary["copy_ssim"]
+    assert summary["sampler_psnr_estimate"] == pytest.approx(summary["psnr"] - SAMPLING_PENALTY_DB)
+    assert SAMPLING_PENALTY_DB == pytest.approx(3.0103, abs=1e-4)
+    again = conditional_mean_baseline(cohort_dir, "t1n", "t2w", eval_split="test", steps=150, width=8,
+                                      slices_per_subject=4)
+    assert again["summary"] == summary  # seeded
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        conditional_mean_baseline(cohort_dir, "t1n", "t2w", steps=0)
+    with pytest.raises(ValueError, match="has both t1n and dwi"):
+        conditional_mean_baseline(cohort_dir, "t1n", "dwi", steps=1)

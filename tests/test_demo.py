@@ -210,7 +210,12 @@ def test_quick_demo_rescored_from_a_copied_folder_reuses_every_stage(tmp_path, m
     for per_target in summary["copy_attention"].values():
         assert set(per_target) == set(summary["plan"]["targets"].split(","))
         assert all(0 <= best["same_position"] <= best["on_input"] <= 1 for best in per_target.values())
-    assert "Where the imputed image looks" in (tmp_path / "copy" / "report" / "summary.md").read_text()
+    text = (tmp_path / "copy" / "report" / "summary.md").read_text()
+    assert "Where the imputed image looks" in text and "How predictable is each target from T1n" in text
+    # the information bound of every target: a conditional-mean estimate fitted for the plan's steps
+    assert set(summary["predictability"]) == set(summary["plan"]["targets"].split(","))
+    assert all(found["settings"]["steps"] == summary["plan"]["predictability_steps"] > 0
+               for found in summary["predictability"].values())
 
 
 def test_bootstrap_builds_the_vae_latent_the_plan_asks_for(tmp_path):

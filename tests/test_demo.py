@@ -256,3 +256,33 @@ def test_bootstrap_sizes_the_vit_copy_as_the_plan_asks_and_refuses_sizes_off_the
         with pytest.raises(SystemExit, match="vit_image_size"):
             main(["--quick", "--out", str(tmp_path / "demo"), "--set", f"vit_image_size={bad}"])
         assert not (tmp_path / "demo").exists()
+
+
+def test_the_plan_copy_head_reaches_the_bootstrapped_model_and_sizes_without_room_are_refused(tmp_path, monkeypatch):
+    import unibrain_hf.train.trainer as trainer
+    from safetensors.torch import load_file
+
+    from unibrain_hf.demo import main
+    from unibrain_hf.train.copy_head import copy_head_channels
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="copy_head_gain=2.0: a copy head needs .* heads of at least 32 channels"):
+        main(["--quick", "--out", "small", "--set", "copy_head_gain=2"])  # the quick model's heads are 8 wide
+    assert not (tmp_path / "small").exists()  # refused before anything was written
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(trainer, "train", stop)  # only the bootstrap is needed
+    with pytest.raises(Stop):
+        main(["--quick", "--out", "run", "--set", "hidden_size=64", "--set", "heads=2", "--set", "kv_heads=1",
+              "--set", "copy_head_gain=3"])
+    weights = load_file(tmp_path / "run" / "init" / "model" / "model.safetensors")
+    head_channels, hidden_channels = copy_head_channels(64, 2)
+    q_norm = weights["language_model.layers.0.gen.q_norm.weight"]
+    assert q_norm[head_channels].eq(3.0).all()
+    q_proj = weights["language_model.layers.0.gen.q_proj.weight"][:32]  # query head 0
+    assert q_proj[head_channels, hidden_channels].eq(1.0).all() and q_proj.abs().sum() == len(head_channels)

@@ -427,3 +427,33 @@ def test_conditional_mean_baseline_learns_an_inverted_contrast_that_copying_cann
         conditional_mean_baseline(cohort_dir, "t1n", "t2w", steps=0)
     with pytest.raises(ValueError, match="has both t1n and dwi"):
         conditional_mean_baseline(cohort_dir, "t1n", "dwi", steps=1)
+
+
+def test_a_seeded_copy_head_reads_the_same_position_before_any_training(cohort_dir, tmp_path):
+    from unibrain_hf import UniBrainPipeline
+    from unibrain_hf.evaluation.copy_attention import copy_attention
+    from unibrain_hf.train.bootstrap import bootstrap_pipeline, build_model
+    from unibrain_hf.train.copy_head import seed_copy_head
+
+    subjects = _subjects_with(cohort_dir, ["t1n", "t2f"], split="test")
+    sharpest = {}
+    for gain in (None, 3.0):
+        out = tmp_path / f"gain{gain}"
+        bootstrap_pipeline(cohort_dir, out, image_size=48, hidden_size=64, layers=2, heads=2, kv_heads=1, vae_steps=0,
+                           vocab_size=400, log=lambda *_: None, copy_head_gain=gain)
+        pipe = UniBrainPipeline.from_pretrained(str(out))
+        sharpest[gain] = copy_attention(pipe, cohort_dir, "test", subjects, "t1n", "t2f")["sharpest"]
+    assert sharpest[None]["exact_share"] < 3 * sharpest[None]["uniform_share"]  # a random model reads no position
+    seeded = sharpest[3.0]
+    assert (seeded["layer"], seeded["head"]) == (0, 0) and seeded["exact_share"] > 0.8
+    assert seeded["same_position"] > 10 * sharpest[None]["same_position"]
+
+    model = build_model(UniBrainPipeline.from_pretrained(str(tmp_path / "gainNone")).tokenizer, hidden_size=64,
+                        layers=2, heads=2, kv_heads=1)
+    for bad, match in (({"gain": 0.0}, "gain"), ({"layer": 2}, "layer"), ({"head": 2}, "head")):
+        with pytest.raises(ValueError, match=match):
+            seed_copy_head(model, **bad)
+    narrow = build_model(UniBrainPipeline.from_pretrained(str(tmp_path / "gainNone")).tokenizer, hidden_size=64,
+                         layers=1, heads=4, kv_heads=2)
+    with pytest.raises(ValueError, match="heads of at least 32 channels"):
+        seed_copy_head(narrow)

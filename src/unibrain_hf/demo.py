@@ -59,6 +59,8 @@ class DemoPlan:
     heads: int = 4
     kv_heads: int = 2
     velocity_head_std: float = 0.0  # initial std of the llm2vae head (0: the initializer range, 0.02)
+    # > 0: start the generation expert with a same-position head of this QK-norm gain (train/copy_head.py)
+    copy_head_gain: float = 0.0
     # the three stages
     align_steps: int = 300
     align_lr: float = 1e-3
@@ -243,6 +245,16 @@ def run(args) -> int:
         vit_resize_bounds(plan.image_size, plan.vit_image_size or None)
     except ValueError as err:
         raise SystemExit(f"unibrain demo: error: --set vit_image_size={plan.vit_image_size}: {err} (0: the default)")
+    if plan.copy_head_gain:
+        from .train.copy_head import copy_head_channels
+
+        try:
+            copy_head_channels(plan.hidden_size, plan.heads)
+        except ValueError as err:
+            raise SystemExit(f"unibrain demo: error: --set copy_head_gain={plan.copy_head_gain}: {err} "
+                             f"(hidden_size {plan.hidden_size} / heads {plan.heads})")
+        if plan.copy_head_gain < 0:
+            raise SystemExit(f"unibrain demo: error: --set copy_head_gain={plan.copy_head_gain}: must be >= 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -262,7 +274,8 @@ def run(args) -> int:
                            vae=vae_recipe(plan),
                            latent_patch_size=plan.latent_patch_size, vit_image_size=plan.vit_image_size or None,
                            progress=True,
-                           velocity_head_std=plan.velocity_head_std or None)
+                           velocity_head_std=plan.velocity_head_std or None,
+                           copy_head_gain=plan.copy_head_gain or None)
     clock.done("bootstrap")
     runs = out / "runs"
 

@@ -233,12 +233,14 @@ def reconstruction_scores(vae, slices: list[np.ndarray], image_size: int, stride
 def build_model(tokenizer, hidden_size: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                 vit_hidden: int = 64, vit_layers: int = 2, max_image_size: int = 128, seed: int = 0,
                 vae_downsample: int = 8, latent_patch_size: int = 2, latent_channels: int = 16,
-                intermediate_size: int | None = None, velocity_head_std: float | None = None):
+                intermediate_size: int | None = None, velocity_head_std: float | None = None,
+                copy_head_gain: float | None = None):
     """A randomly initialised UniBrain model; the latent geometry must match the VAE it will be used with.
 
     ``velocity_head_std`` is the initial standard deviation of ``llm2vae`` (default: the text config's
     ``initializer_range``); ``1/sqrt(hidden_size)`` makes a unit-RMS hidden state give unit-scale
-    velocities, the scale a pretrained head has.
+    velocities, the scale a pretrained head has. ``copy_head_gain`` (default: none) starts the generation
+    expert with a head that reads the same grid position of earlier images (:mod:`.copy_head`).
     """
     from transformers import Qwen2Config, SiglipVisionConfig
 
@@ -264,6 +266,10 @@ def build_model(tokenizer, hidden_size: int = 128, layers: int = 4, heads: int =
     # Stage 1 freezes llm2vae, so a zero head would make self-alignment unable to learn at all.
     with torch.no_grad():
         model.llm2vae.weight.normal_(0.0, velocity_head_std or config.text_config.initializer_range)
+    if copy_head_gain:
+        from .copy_head import seed_copy_head
+
+        seed_copy_head(model, gain=copy_head_gain)
     return model
 
 
@@ -287,6 +293,7 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
                        log=print, vae: VaeRecipe | None = None, latent_patch_size: int = 2, heads: int = 4,
                        kv_heads: int = 2, intermediate_size: int | None = None, progress: bool = False,
                        slices_per_sequence: int = 6, velocity_head_std: float | None = None,
+                       copy_head_gain: float | None = None,
                        vit_image_size: int | None = None) -> Path:
     """Write a starting pipeline directory (model / vae / tokenizer / processor / scheduler) to ``out_dir``.
 
@@ -320,7 +327,8 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
     model = build_model(tokenizer, hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads,
                         max_image_size=image_size * 2, seed=seed, vae_downsample=recipe.downsample,
                         latent_patch_size=latent_patch_size, latent_channels=recipe.latent_channels,
-                        intermediate_size=intermediate_size, velocity_head_std=velocity_head_std)
+                        intermediate_size=intermediate_size, velocity_head_std=velocity_head_std,
+                        copy_head_gain=copy_head_gain)
     # The minimum VAE size equals the training slice size, so that inference pads a smaller slice to
     # the same square canvas the model was trained on (as UniBrain pads 240² slices to 256²).
     processor = UniBrainProcessor.for_model(model.config, tokenizer, vae_max_size=image_size,

@@ -59,8 +59,10 @@ class DemoPlan:
     heads: int = 4
     kv_heads: int = 2
     velocity_head_std: float = 0.0  # initial std of the llm2vae head (0: the initializer range, 0.02)
-    # > 0: start the generation expert with a same-position head of this QK-norm gain (train/copy_head.py)
-    copy_head_gain: float = 0.0
+    # > 0: start the generation expert with a head that reads the same grid position of earlier images, of this
+    # QK-norm gain (train/copy_head.py): a stand-in for the editing heads a BAGEL checkpoint brings. It raised every
+    # image number on two training seeds (docs/DEMO_RUN.md, rows AE, AF). 0: off.
+    copy_head_gain: float = 2.0
     # the three stages
     align_steps: int = 300
     align_lr: float = 1e-3
@@ -115,7 +117,7 @@ class DemoPlan:
 FULL = DemoPlan()
 QUICK = DemoPlan(subjects=24, voxel_size=6.0, image_size=48, vae_steps=10, hidden_size=32, layers=2,
                  align_steps=3, unified_steps=4, dhs_steps=2, eval_subjects=2, inference_steps=2, max_new_tokens=8,
-                 predictability_steps=5)
+                 predictability_steps=5, copy_head_gain=0.0)  # 8-channel heads leave no room for a copy head
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -251,8 +253,8 @@ def run(args) -> int:
         try:
             copy_head_channels(plan.hidden_size, plan.heads)
         except ValueError as err:
-            raise SystemExit(f"unibrain demo: error: --set copy_head_gain={plan.copy_head_gain}: {err} "
-                             f"(hidden_size {plan.hidden_size} / heads {plan.heads})")
+            raise SystemExit(f"unibrain demo: error: --set copy_head_gain={plan.copy_head_gain}: {err} (hidden_size "
+                             f"{plan.hidden_size} / heads {plan.heads}; --set copy_head_gain=0 turns it off)")
         if plan.copy_head_gain < 0:
             raise SystemExit(f"unibrain demo: error: --set copy_head_gain={plan.copy_head_gain}: must be >= 0")
     out = Path(args.out)

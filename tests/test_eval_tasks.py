@@ -457,3 +457,7 @@ def test_a_seeded_copy_head_reads_the_same_position_before_any_training(cohort_d
                          layers=1, heads=4, kv_heads=2)
     with pytest.raises(ValueError, match="heads of at least 32 channels"):
         seed_copy_head(narrow)
+    with pytest.raises(ValueError, match="heads of at least 32 channels"):  # refused before the VAE fit
+        bootstrap_pipeline(cohort_dir, tmp_path / "narrow", hidden_size=64, heads=4, kv_heads=2, vae_steps=5,
+                           log=lambda *_: None, copy_head_gain=2.0)
+    assert not (tmp_path / "narrow").exists()

@@ -310,6 +310,12 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
 
     recipe = vae or VaeRecipe(steps=vae_steps)
     vit_max, vit_min = vit_resize_bounds(image_size, vit_image_size)  # checked before any work
+    if copy_head_gain is not None:  # so is the copy head (seed_copy_head would refuse it after the VAE fit)
+        from .copy_head import copy_head_channels
+
+        copy_head_channels(hidden_size, heads)
+        if not copy_head_gain > 0:
+            raise ValueError(f"copy_head_gain must be > 0 (None: no copy head); got {copy_head_gain}")
     out_dir = Path(out_dir)
     records = list(iter_subject_records(cohort_dir, split="train"))
     if not records:
@@ -355,12 +361,15 @@ def main(argv=None) -> int:
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--latent-patch-size", type=int, default=2, help="latent pixels per side per token")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--copy-head-gain", type=float, default=None,
+                        help="start the generation expert with a same-position head of this QK-norm gain "
+                             "(train/copy_head.py; needs heads of at least 32 channels)")
     args = parser.parse_args(argv)
     recipe = VaeRecipe(steps=args.vae_steps, downsample=args.vae_downsample, base_channels=args.vae_channels,
                        learning_rate=args.vae_lr)
     path = bootstrap_pipeline(args.cohort_dir, args.out_dir, image_size=args.image_size, hidden_size=args.hidden_size,
                               layers=args.layers, seed=args.seed, vae=recipe, latent_patch_size=args.latent_patch_size,
-                              progress=True)
+                              progress=True, copy_head_gain=args.copy_head_gain)
     print(f"wrote {path}")
     return 0
 

@@ -87,7 +87,7 @@ def copy_attention(pipe, cohort, split: str, subjects: list[str], source: str, t
     model, processor = pipe.model, pipe.processor
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)  # the flow noise is drawn where the model is
     totals, count, grid = None, 0, None
     for images in slices.values():
         plan = _translation_plan(pipe, images, source, target, rng)

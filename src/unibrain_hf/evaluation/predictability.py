@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from ..data.intensity import lesion_slice_indices
+from ..data.intensity import center_crop, lesion_slice_indices, pad_to_size
 from ..data.radgenome import iter_subject_records
 from .cohort import evaluation_slices, index_cohort, scaled_volumes, select_subjects
 from .metrics import psnr, ssim
@@ -72,22 +72,10 @@ def _training_pairs(cohort, source: str, target: str, split: str, slices_per_sub
     return inputs, targets
 
 
-def _offsets(shape: tuple[int, int], side: int) -> tuple[int, int]:
-    return (side - shape[0]) // 2, (side - shape[1]) // 2
-
-
 def _as_batch(slices: list[np.ndarray], side: int) -> torch.Tensor:
     # Centred zero padding to a common square (the background is 0 after intensity scaling).
-    batch = np.zeros((len(slices), 1, side, side), dtype=np.float32)
-    for k, image in enumerate(slices):
-        top, left = _offsets(image.shape, side)
-        batch[k, 0, top:top + image.shape[0], left:left + image.shape[1]] = image
-    return torch.from_numpy(batch) / 127.5 - 1.0
-
-
-def _crop_center(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    top, left = _offsets(shape, image.shape[0])
-    return image[top:top + shape[0], left:left + shape[1]]
+    padded = np.stack([pad_to_size(image, side) for image in slices]).astype(np.float32)
+    return torch.from_numpy(padded)[:, None] / 127.5 - 1.0
 
 
 def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: str = "test",
@@ -134,7 +122,7 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
             source_image, truth = images[source], images[target]
             predicted = network(_as_batch([source_image], side))[0, 0]
             predicted = ((predicted.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-            predicted = _crop_center(predicted, truth.shape)
+            predicted = center_crop(predicted, truth.shape)
             rows.append({"subject_id": subject, "psnr": cap_psnr(psnr(truth, predicted)),
                          "ssim": ssim(truth, predicted), "copy_psnr": cap_psnr(psnr(truth, source_image)),
                          "copy_ssim": ssim(truth, source_image)})

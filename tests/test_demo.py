@@ -269,6 +269,10 @@ def test_the_plan_copy_head_reaches_the_bootstrapped_model_and_sizes_without_roo
     with pytest.raises(SystemExit, match="copy_head_gain=2.0: a copy head needs .* heads of at least 32 channels"):
         main(["--quick", "--out", "small", "--set", "copy_head_gain=2"])  # the quick model's heads are 8 wide
     assert not (tmp_path / "small").exists()  # refused before anything was written
+    with pytest.raises(SystemExit, match="copy_head_gain=-1.0: the copy head's gain must be > 0"):
+        main(["--quick", "--out", "negative", "--set", "hidden_size=64", "--set", "heads=2", "--set", "kv_heads=1",
+              "--set", "copy_head_gain=-1"])
+    assert not (tmp_path / "negative").exists()
 
     class Stop(Exception):
         pass

@@ -247,16 +247,14 @@ def run(args) -> int:
         vit_resize_bounds(plan.image_size, plan.vit_image_size or None)
     except ValueError as err:
         raise SystemExit(f"unibrain demo: error: --set vit_image_size={plan.vit_image_size}: {err} (0: the default)")
-    if plan.copy_head_gain:
-        from .train.copy_head import copy_head_channels
+    if plan.copy_head_gain:  # 0 is off
+        from .train.copy_head import check_copy_head
 
         try:
-            copy_head_channels(plan.hidden_size, plan.heads)
+            check_copy_head(plan.hidden_size, plan.heads, plan.copy_head_gain)
         except ValueError as err:
             raise SystemExit(f"unibrain demo: error: --set copy_head_gain={plan.copy_head_gain}: {err} (hidden_size "
                              f"{plan.hidden_size} / heads {plan.heads}; --set copy_head_gain=0 turns it off)")
-        if plan.copy_head_gain < 0:
-            raise SystemExit(f"unibrain demo: error: --set copy_head_gain={plan.copy_head_gain}: must be >= 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))

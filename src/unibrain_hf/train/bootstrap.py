@@ -311,11 +311,9 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
     recipe = vae or VaeRecipe(steps=vae_steps)
     vit_max, vit_min = vit_resize_bounds(image_size, vit_image_size)  # checked before any work
     if copy_head_gain is not None:  # so is the copy head (seed_copy_head would refuse it after the VAE fit)
-        from .copy_head import copy_head_channels
+        from .copy_head import check_copy_head
 
-        copy_head_channels(hidden_size, heads)
-        if not copy_head_gain > 0:
-            raise ValueError(f"copy_head_gain must be > 0 (None: no copy head); got {copy_head_gain}")
+        check_copy_head(hidden_size, heads, copy_head_gain)
     out_dir = Path(out_dir)
     records = list(iter_subject_records(cohort_dir, split="train"))
     if not records:

@@ -49,6 +49,14 @@ def copy_head_channels(hidden_size: int, heads: int, head_dim: int | None = None
     return first + [d + half for d in first], hidden_channels
 
 
+def check_copy_head(hidden_size: int, heads: int, gain: float, head_dim: int | None = None) -> tuple[list, list]:
+    """:func:`copy_head_channels` for a model of these sizes, and ``ValueError`` unless ``gain`` > 0."""
+    channels = copy_head_channels(hidden_size, heads, head_dim)
+    if not gain > 0:
+        raise ValueError(f"the copy head's gain must be > 0; got {gain}")
+    return channels
+
+
 @torch.no_grad()
 def seed_copy_head(model, layer: int = 0, head: int = 0, gain: float = 2.0) -> dict:
     """Rewrite query ``head`` of ``layer``'s generation expert (and its KV head) into a same-position reader.
@@ -60,13 +68,11 @@ def seed_copy_head(model, layer: int = 0, head: int = 0, gain: float = 2.0) -> d
     text = model.config.text_config
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    head_channels, hidden_channels = copy_head_channels(text.hidden_size, heads, head_dim)
+    head_channels, hidden_channels = check_copy_head(text.hidden_size, heads, gain, head_dim)
     if not 0 <= layer < text.num_hidden_layers:
         raise ValueError(f"layer must be in 0..{text.num_hidden_layers - 1}; got {layer}")
     if not 0 <= head < heads:
         raise ValueError(f"head must be in 0..{heads - 1}; got {head}")
-    if not gain > 0:
-        raise ValueError(f"gain must be > 0; got {gain}")
     kv_head = head // (heads // kv_heads)
 
     expert = model.language_model.layers[layer].gen
@@ -84,4 +90,4 @@ def seed_copy_head(model, layer: int = 0, head: int = 0, gain: float = 2.0) -> d
             "hidden_channels": hidden_channels, "gain": gain}
 
 
-__all__ = ["FREQUENCIES", "copy_head_channels", "seed_copy_head"]
+__all__ = ["FREQUENCIES", "check_copy_head", "copy_head_channels", "seed_copy_head"]

@@ -88,11 +88,11 @@ def copy_attention(pipe, cohort, split: str, subjects: list[str], source: str, t
     device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
     generator = torch.Generator(device=device).manual_seed(seed)  # the flow noise is drawn where the model is
+    # The packer takes raw (pre-sigmoid) timesteps, as the training draws them.
+    raw = [[math.log(t / (1.0 - t))] for t in levels]
     totals, count, grid = None, 0, None
     for images in slices.values():
         plan = _translation_plan(pipe, images, source, target, rng)
-        # The packer takes raw (pre-sigmoid) timesteps, as the training draws them.
-        raw = [[math.log(t / (1.0 - t))] for t in levels]
         for timesteps in raw:
             batch = processor.pack([plan], rng=0, timesteps=[timesteps])
             (source_grid, target_grid) = batch.latent_shapes

@@ -290,3 +290,23 @@ def test_the_plan_copy_head_reaches_the_bootstrapped_model_and_sizes_without_roo
     assert q_norm[head_channels].eq(3.0).all()
     q_proj = weights["language_model.layers.0.gen.q_proj.weight"][:32]  # query head 0
     assert q_proj[head_channels, hidden_channels].eq(1.0).all() and q_proj.abs().sum() == len(head_channels)
+
+
+def test_predictability_table_takes_the_better_mean_estimate_less_the_sampling_penalty():
+    from types import SimpleNamespace
+
+    from unibrain_hf.demo_report import predictability_table
+
+    interval = {"mean": 1.0, "low": 0.5, "high": 1.5, "n": 4, "excludes_zero": True}
+    results = {"targets": ["t2f"],
+               "unified": SimpleNamespace(baselines={"copy_input": {"per_target": {"t2f": {"psnr": 15.0}}}}),
+               "lookup_table": {"per_target": {"t2f": {"psnr": 18.0}}},  # better than the CNN: it sets the bound
+               "predictability": {"t2f": {"summary": {"psnr": 16.0, "ssim": 0.7,
+                                                      "delta_psnr_vs_copy_interval": interval}}}}
+    compared = {"imputation": {"t2f": {"psnr": {**interval, "mean": -0.5, "low": -1.0, "high": 0.0,
+                                                "excludes_zero": False}}}}
+    row = predictability_table(results, compared).splitlines()[-1]
+    assert "| +3.00 |" in row  # lookup − copy
+    assert "| -0.01 |" in row  # 18.0 − 10·log10(2) − 15.0
+    results["lookup_table"]["per_target"]["t2f"]["psnr"] = 15.5  # now the CNN is the better estimate
+    assert "| -2.01 |" in predictability_table(results, compared).splitlines()[-1]  # 16.0 − 3.01 − 15.0

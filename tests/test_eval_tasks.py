@@ -423,6 +423,10 @@ def test_conditional_mean_baseline_learns_an_inverted_contrast_that_copying_cann
     again = conditional_mean_baseline(cohort_dir, "t1n", "t2w", eval_split="test", steps=150, width=8,
                                       slices_per_subject=4)
     assert again["summary"] == summary  # seeded
+    # the lesion region alone, paired against the copy, on the subjects with a lesion on the scored slice
+    with_lesion = [row for row in result["per_subject"] if "lesion_psnr" in row]
+    assert with_lesion and all("copy_lesion_psnr" in row for row in with_lesion)
+    assert summary["lesion_delta_psnr_vs_copy_interval"]["n"] == len(with_lesion)
     with pytest.raises(ValueError, match="steps must be a positive int"):
         conditional_mean_baseline(cohort_dir, "t1n", "t2w", steps=0)
     with pytest.raises(ValueError, match="has both t1n and dwi"):

@@ -352,3 +352,19 @@ def test_confusion_matrix_and_best_constant_answer():
     assert confusion["columns"] == ["Gli", "Mening", "Normal", "(none)"]
     assert confusion["counts"] == [[1, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
     assert best_constant_answer(truths) == ("Gli", 0.5)
+
+
+def test_lesion_psnr_scores_only_the_masked_pixels():
+    from unibrain_hf.evaluation.metrics import lesion_psnr
+
+    truth = np.full((8, 8), 100, np.uint8)
+    prediction = truth.copy()
+    prediction[:4] = 0  # wrong everywhere outside the lesion
+    lesion = np.zeros((8, 8), bool)
+    lesion[6:, 6:] = True
+    assert lesion_psnr(truth, prediction, lesion) == float("inf")
+    prediction[7, 7] = 110  # one lesion pixel off by 10 of 4
+    assert lesion_psnr(truth, prediction, lesion) == pytest.approx(10 * np.log10(4 / (10 / 255) ** 2))
+    assert lesion_psnr(truth, prediction, np.zeros((8, 8), bool)) is None
+    with pytest.raises(ValueError, match="lesion mask is"):
+        lesion_psnr(truth, prediction, lesion[:4])

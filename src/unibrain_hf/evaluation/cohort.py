@@ -206,6 +206,16 @@ def evaluation_slices(cohort_dir, split: str, subject_ids: list[str], codes: lis
     return {subject: found[subject] for subject in subject_ids if subject in found}
 
 
+def evaluation_lesion_masks(cohort_dir, split: str, subject_ids: list[str]) -> dict[str, np.ndarray | None]:
+    """``{subject: boolean lesion mask of the scored slice, or None without a mask}``, as :func:`evaluation_slices`."""
+    wanted, found = set(subject_ids), {}
+    for record in iter_subject_records(cohort_dir, split=split):
+        if record.subject_id in wanted:
+            found[record.subject_id] = (None if record.mask is None
+                                        else np.asarray(record.mask[evaluation_slice_index(record)]) > 0)
+    return {subject: found[subject] for subject in subject_ids if subject in found}
+
+
 def record_affine(spacing, direction, z_stride: int = 1) -> np.ndarray:
     """The voxel → RAS affine of a (x, y, z) array from SimpleITK-style spacing and LPS direction.
 
@@ -220,5 +230,5 @@ def record_affine(spacing, direction, z_stride: int = 1) -> np.ndarray:
 
 
 __all__ = ["CohortIndex", "DIAGNOSIS_ALSO_REQUIRED", "SkipSubject", "check_codes", "check_positive_int",
-           "evaluation_slice_index", "evaluation_slices", "index_cohort", "iter_records", "record_affine",
-           "scaled_volumes", "select_subjects", "subject_generator", "subject_seed"]
+           "evaluation_lesion_masks", "evaluation_slice_index", "evaluation_slices", "index_cohort", "iter_records",
+           "record_affine", "scaled_volumes", "select_subjects", "subject_generator", "subject_seed"]

@@ -111,6 +111,21 @@ def ssim(gt, pred, *, max_value: float | None = None) -> float:
     return float(_skimage_ssim(ground_truth, prediction, data_range=1))
 
 
+def lesion_psnr(gt, pred, lesion, *, max_value: float | None = None) -> float | None:
+    """PSNR over the pixels of ``lesion`` (a boolean mask of the same shape) only; ``None`` when it is empty.
+
+    Whole-image scores hide whether the lesion itself is rendered: a few hundred pixels of a 64² slice.
+    """
+    mask = np.asarray(lesion, dtype=bool)
+    ground_truth, prediction = _paired_unit_images(gt, pred, max_value)
+    if mask.shape != ground_truth.shape:
+        raise ValueError(f"lesion mask is {mask.shape}, images are {ground_truth.shape}")
+    if not mask.any():
+        return None
+    error = float(np.mean((ground_truth[mask] - prediction[mask]) ** 2))
+    return float(10 * np.log10(1.0 / error)) if error > 0 else float("inf")
+
+
 def _check_text_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
     if isinstance(predictions, str) or isinstance(references, str):
         raise ValueError("predictions and references must be lists of strings, not single strings")

@@ -28,8 +28,8 @@ import torch
 
 from ..data.intensity import center_crop, lesion_slice_indices, pad_to_size
 from ..data.radgenome import iter_subject_records
-from .cohort import evaluation_slices, index_cohort, scaled_volumes, select_subjects
-from .metrics import psnr, ssim
+from .cohort import evaluation_lesion_masks, evaluation_slices, index_cohort, scaled_volumes, select_subjects
+from .metrics import lesion_psnr, psnr, ssim
 from .results import cap_psnr
 from .statistics import paired_difference
 
@@ -85,9 +85,10 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
     """Fit the network on ``train_split`` and score it on the evaluation slices of ``eval_split`` (module docstring).
 
     ``subjects`` defaults to every subject of ``eval_split`` with both sequences. Returns
-    ``{"per_subject": [{subject_id, psnr, ssim, copy_psnr, copy_ssim}], "summary": {psnr, ssim,
-    copy_psnr, copy_ssim, delta_psnr_vs_copy (+ its paired bootstrap interval), sampler_psnr_estimate,
-    sampler_delta_vs_copy},
+    ``{"per_subject": [{subject_id, psnr, ssim, copy_psnr, copy_ssim[, lesion_psnr, copy_lesion_psnr]}],
+    "summary": {psnr, ssim, copy_psnr, copy_ssim, delta_psnr_vs_copy (+ its paired bootstrap interval),
+    lesion_delta_psnr_vs_copy_interval (subjects with a lesion on the scored slice; None without any),
+    sampler_psnr_estimate, sampler_delta_vs_copy},
     "settings": {...}}``; images are compared on their own (unpadded) grid, as the evaluation tasks do.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("width", width),
@@ -117,6 +118,7 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
         optimizer.step()
 
     rows = []
+    masks = evaluation_lesion_masks(cohort, eval_split, list(held_out))
     with torch.no_grad():
         for subject, images in held_out.items():
             source_image, truth = images[source], images[target]
@@ -126,10 +128,18 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
             rows.append({"subject_id": subject, "psnr": cap_psnr(psnr(truth, predicted)),
                          "ssim": ssim(truth, predicted), "copy_psnr": cap_psnr(psnr(truth, source_image)),
                          "copy_ssim": ssim(truth, source_image)})
+            if masks[subject] is not None and masks[subject].any():
+                # Is the lesion itself predictable from the source? (The whole image hides a few hundred pixels.)
+                rows[-1].update(lesion_psnr=cap_psnr(lesion_psnr(truth, predicted, masks[subject])),
+                                copy_lesion_psnr=cap_psnr(lesion_psnr(truth, source_image, masks[subject])))
     summary = {key: float(np.mean([row[key] for row in rows])) for key in ("psnr", "ssim", "copy_psnr", "copy_ssim")}
     summary["delta_psnr_vs_copy"] = summary["psnr"] - summary["copy_psnr"]
     summary["delta_psnr_vs_copy_interval"] = paired_difference([row["psnr"] for row in rows],
                                                                [row["copy_psnr"] for row in rows]).to_dict()
+    with_lesion = [row for row in rows if "lesion_psnr" in row]
+    summary["lesion_delta_psnr_vs_copy_interval"] = paired_difference(
+        [row["lesion_psnr"] for row in with_lesion],
+        [row["copy_lesion_psnr"] for row in with_lesion]).to_dict() if with_lesion else None
     summary["sampler_psnr_estimate"] = summary["psnr"] - SAMPLING_PENALTY_DB
     summary["sampler_delta_vs_copy"] = summary["sampler_psnr_estimate"] - summary["copy_psnr"]
     settings = dict(source=source, target=target, train_split=train_split, eval_split=eval_split, steps=steps,

@@ -92,9 +92,8 @@ def _image_scores(gt: np.ndarray, pred: np.ndarray, lesion: np.ndarray | None = 
     """PSNR/SSIM of the whole image and, when ``lesion`` (a boolean mask of the slice) has pixels, the PSNR
     over the lesion's pixels only: whether the lesion itself is rendered, which whole-image scores hide."""
     scores = {"psnr": image_metrics.psnr(gt, pred), "ssim": image_metrics.ssim(gt, pred)}
-    if lesion is not None and lesion.any():
-        error = np.mean((gt[lesion].astype(np.float64) - pred[lesion].astype(np.float64)) ** 2) / 255.0 ** 2
-        scores["lesion_psnr"] = float(10 * np.log10(1.0 / error)) if error > 0 else float("inf")
+    if lesion is not None and (lesion_psnr := image_metrics.lesion_psnr(gt, pred, lesion)) is not None:
+        scores["lesion_psnr"] = lesion_psnr
     return scores
 
 

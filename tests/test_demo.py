@@ -216,6 +216,16 @@ def test_quick_demo_rescored_from_a_copied_folder_reuses_every_stage(tmp_path, m
     assert set(summary["predictability"]) == set(summary["plan"]["targets"].split(","))
     assert all(found["settings"]["steps"] == summary["plan"]["predictability_steps"] > 0
                for found in summary["predictability"].values())
+    # how diagnosable the subjects are: a classifier per set of images, and the imputations read in place of
+    # the real targets for every scored subject
+    assert "How diagnosable are these subjects" in text
+    found = summary["diagnosability"]
+    assert set(found) == {"t1n", "t1n+targets", "all"}
+    assert all(f["settings"]["steps"] == summary["plan"]["diagnosability_steps"] > 0 for f in found.values())
+    targets = sorted(summary["plan"]["targets"].split(","))
+    replaced = [row["replaced"] for row in found["t1n+targets"]["per_subject"]]
+    assert replaced == [targets] * summary["headline"]["subjects"]
+    assert 0 <= found["t1n+targets"]["summary"]["replaced_accuracy"] <= 1
 
 
 def test_bootstrap_builds_the_vae_latent_the_plan_asks_for(tmp_path):
@@ -310,3 +320,42 @@ def test_predictability_table_takes_the_better_mean_estimate_less_the_sampling_p
     assert "| -0.01 |" in row  # 18.0 − 10·log10(2) − 15.0
     results["lookup_table"]["per_target"]["t2f"]["psnr"] = 15.5  # now the CNN is the better estimate
     assert "| -2.01 |" in predictability_table(results, compared).splitlines()[-1]  # 16.0 − 3.01 − 15.0
+
+
+def test_lesion_and_diagnosability_rows_pair_the_estimates_with_the_models_own_rows():
+    from types import SimpleNamespace
+
+    from unibrain_hf.demo_report import _lesion_comparisons, diagnosability_table
+
+    # Lesion region: the lookup's per-subject lesion PSNR is paired with the copy's on the subjects with a lesion.
+    per_subject = [{"subject_id": "a", "copy_input": {"t2f": {"lesion_psnr": 10.0}}},
+                   {"subject_id": "b", "copy_input": {"t2f": {"psnr": 12.0}}}]  # no lesion on b's slice
+    results = {"targets": ["t2f"],
+               "unified": SimpleNamespace(per_subject=per_subject,
+                                          comparisons={"lesion_psnr_vs_copy_input": {"t2f": {"mean": -4.0}}}),
+               "lookup_table": {"per_subject": {"a": {"t2f": {"lesion_psnr": 7.0}}, "b": {"t2f": {"psnr": 1.0}}}},
+               "predictability": {"t2f": {"summary": {"lesion_delta_psnr_vs_copy_interval": {"mean": -2.0}}}}}
+    found = _lesion_comparisons(results)["t2f"]
+    assert found["ours"]["mean"] == -4.0 and found["conditional-mean CNN"]["mean"] == -2.0
+    assert found["intensity lookup"]["mean"] == -3.0 and found["intensity lookup"]["n"] == 1
+
+    # Diagnosability: each classifier row sits beside the model's row that reads the same images.
+    def summary(accuracy, **extra):
+        interval = {"mean": accuracy - 0.25, "low": accuracy - 0.4, "high": accuracy - 0.1, "n": 4,
+                    "excludes_zero": accuracy > 0.4}
+        return {"accuracy": accuracy, "accuracy_interval": {"low": 0.0, "high": 1.0},
+                "vs_best_constant": interval, **extra}
+
+    results = {"targets": ["t2w", "t2f"], "diagnosability": {
+        "t1n": {"summary": summary(0.25)},
+        "t1n+targets": {"summary": summary(0.75, replaced_accuracy=0.5, replaced_accuracy_interval={"low": 0.1,
+                                                                                                      "high": 0.9},
+                                           replaced_vs_best_constant={"mean": 0.25, "low": -0.1, "high": 0.6,
+                                                                      "n": 4, "excludes_zero": False})},
+        "all": {"summary": summary(1.0), "settings": {"sources": ["t1n", "t1c", "t2w", "t2f"]}}}}
+    compared = {"diagnosis": {"T1n alone (diagnosis task)": {"accuracy": 0.125},
+                              "after unified imputation (stage 3)": {"accuracy": 0.375},
+                              "all real sequences (t1n, t1c, t2w, t2f), upper bound": {"accuracy": 0.625}}}
+    rows = diagnosability_table(results, compared).splitlines()[2:]
+    assert [row.split(" | ")[1].split(" ")[0] for row in rows] == ["0.250", "0.500", "0.750", "1.000"]
+    assert [row.split("|")[-2].strip() for row in rows] == ["0.125", "0.375", "", "0.625"]

@@ -85,6 +85,8 @@ class DemoPlan:
     inference_steps: int = 10
     # Steps of the conditional-mean CNN that tells how predictable each target is from T1n (0: skip it)
     predictability_steps: int = 600
+    # Steps of the classifier that tells how diagnosable the subjects are from each set of images (0: skip it)
+    diagnosability_steps: int = 3000
     max_new_tokens: int = 96
     targets: str = "t2w,t2f"
     guidance_scale: float = 1.0  # the pipeline's defaults (the reference's) are 3.0 and 1.2
@@ -117,7 +119,8 @@ class DemoPlan:
 FULL = DemoPlan()
 QUICK = DemoPlan(subjects=24, voxel_size=6.0, image_size=48, vae_steps=10, hidden_size=32, layers=2,
                  align_steps=3, unified_steps=4, dhs_steps=2, eval_subjects=2, inference_steps=2, max_new_tokens=8,
-                 predictability_steps=5, copy_head_gain=0.0)  # 8-channel heads leave no room for a copy head
+                 predictability_steps=5, diagnosability_steps=5,
+                 copy_head_gain=0.0)  # 8-channel heads leave no room for a copy head
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

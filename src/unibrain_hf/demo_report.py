@@ -10,6 +10,9 @@ the target sequences):
   split (:mod:`unibrain_hf.evaluation.predictability`), and where a perfect sampler would land;
 * where each model's imputed image looks: attention from the target's tokens to the input's
   (:mod:`unibrain_hf.evaluation.copy_attention`), on the first subjects;
+* how diagnosable the subjects are from the images at all: a classifier fitted on the training split
+  from T1n alone, from T1n and the real targets (and, unchanged, from T1n and the stage-3 imputations),
+  and from all real sequences (:mod:`unibrain_hf.evaluation.diagnosability`);
 
 and :func:`write_demo_report` writes ``summary.md`` (tables with the VAE ceiling, per-subject paired
 differences and bootstrap 95 % intervals, confusion matrices, the rate of findings on normal
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluation.results import NORMAL_CLASS, image_series, interval_text
+from .evaluation.results import NORMAL_CLASS, cap_psnr, image_series, interval_text
 from .evaluation.statistics import paired_difference
 
 #: Subjects the attention measurement reads (its spread across subjects is small; each costs a few forwards).
@@ -33,6 +36,14 @@ COPY_ATTENTION_SUBJECTS = 8
 
 #: Channels of the conditional-mean CNN (16: about 20 s per target on 2 cores at 600 steps).
 PREDICTABILITY_WIDTH = 16
+
+#: Channels of the diagnosability classifier (16: about 20-40 s per classifier on 2 cores at 3,000 steps).
+DIAGNOSABILITY_WIDTH = 16
+
+#: Names of the diagnosis rows the report compares (the keys of ``comparisons(...)["diagnosis"]``).
+T1N_ROW = "T1n alone (diagnosis task)"
+IMPUTED_ROW = "after unified imputation (stage 3)"
+ALL_REAL_ROW_PREFIX = "all real sequences"
 
 #: Sequences a phantom tumour/normal subject can have, in the order the upper-bound diagnosis gets them.
 ALL_SEQUENCES = ("t1n", "t1c", "t2w", "t2f", "dwi", "adc")
@@ -43,6 +54,7 @@ def evaluate_demo(dhs_dir: Path, stage2_dir: Path, cohort: Path, report: Path, p
     """Score the stage-3 and stage-2 pipelines on the same held-out subjects (see the module docstring)."""
     from .evaluation.cohort import index_cohort, select_subjects
     from .evaluation.copy_attention import copy_attention
+    from .evaluation.diagnosability import classifier_baseline
     from .evaluation.predictability import conditional_mean_baseline
     from .evaluation.specificity import input_specificity
     from .evaluation.tasks import evaluate_diagnosis, evaluate_unified
@@ -90,6 +102,15 @@ def evaluate_demo(dhs_dir: Path, stage2_dir: Path, cohort: Path, report: Path, p
             target: conditional_mean_baseline(cohort, "t1n", target, eval_split=split, subjects=subjects,
                                               steps=plan.predictability_steps, width=PREDICTABILITY_WIDTH, seed=seed)
             for target in targets}
+    if plan.diagnosability_steps:
+        fit = dict(eval_split=split, subjects=subjects, steps=plan.diagnosability_steps, width=DIAGNOSABILITY_WIDTH,
+                   seed=seed)
+        results["diagnosability"] = {
+            "t1n": classifier_baseline(cohort, ["t1n"], **fit),
+            # fitted on the real targets, then also read with the stage-3 imputations in their place
+            "t1n+targets": classifier_baseline(cohort, ["t1n", *targets], replaced_by=report / "unified_dhs" / "images",
+                                               **fit),
+            "all": classifier_baseline(cohort, everything, **fit)}
     return results
 
 
@@ -99,11 +120,11 @@ def lookup_table_baseline(cohort: Path, split: str, subjects: list[str], source:
     The table (256 entries per target) is fitted on every voxel of the training split's subjects that
     have the source and the target, and applied pixel by pixel to the scored slice. It preserves the
     anatomy exactly and only changes contrast, so it shows what a purely local contrast mapping can
-    score. Returns ``{"per_subject": {subject: {target: {"psnr", "ssim"}}}, "per_target": means}``.
+    score. Returns ``{"per_subject": {subject: {target: {"psnr", "ssim"[, "lesion_psnr"]}}}, "per_target": means}``.
     """
     from .data.radgenome import iter_subject_records
-    from .evaluation.cohort import evaluation_slices, scaled_volumes
-    from .evaluation.metrics import psnr, ssim
+    from .evaluation.cohort import evaluation_lesion_masks, evaluation_slices, scaled_volumes
+    from .evaluation.metrics import lesion_psnr, psnr, ssim
 
     sums = {t: np.zeros(256) for t in targets}
     counts = {t: np.zeros(256) for t in targets}
@@ -118,10 +139,14 @@ def lookup_table_baseline(cohort: Path, split: str, subjects: list[str], source:
             sums[target] += np.bincount(values, weights=volumes[target].ravel(), minlength=256)
     tables = {t: np.round(sums[t] / np.maximum(counts[t], 1)).astype(np.uint8) for t in targets}
     per_subject = {}
+    masks = evaluation_lesion_masks(cohort, split, subjects)
     for subject, slices in evaluation_slices(cohort, split, subjects, [source, *targets]).items():
         predicted = {t: tables[t][slices[source]] for t in targets}
         per_subject[subject] = {t: {"psnr": psnr(slices[t], predicted[t]), "ssim": ssim(slices[t], predicted[t])}
                                 for t in targets}
+        if masks.get(subject) is not None and masks[subject].any():
+            for t in targets:
+                per_subject[subject][t]["lesion_psnr"] = lesion_psnr(slices[t], predicted[t], masks[subject])
     per_target = {t: {m: float(np.mean([per_subject[s][t][m] for s in subjects])) for m in ("psnr", "ssim")}
                   for t in targets}
     return {"per_subject": per_subject, "per_target": per_target}
@@ -169,12 +194,13 @@ def comparisons(results: dict) -> dict:
             metric: paired_difference(image_series(unified.per_subject, "imputed", target, metric),
                                       image_series(stage2.per_subject, "imputed", target, metric)).to_dict()
             for metric in ("psnr", "ssim")}
+    out["lesion_vs_copy"] = _lesion_comparisons(results)
     truths = [r["ground_truth"] for r in unified.per_subject]
     constant = unified.baselines["best_constant"]
     constant_correct = [float(t == constant["class"]) for t in truths]
-    rows = {"T1n alone (diagnosis task)": t1n, "after unified imputation (stage 3)": unified,
+    rows = {T1N_ROW: t1n, IMPUTED_ROW: unified,
             "after unified imputation (stage 2)": stage2,
-            f"all real sequences ({', '.join(results['all_sequences'])}), upper bound": everything}
+            f"{ALL_REAL_ROW_PREFIX} ({', '.join(results['all_sequences'])}), upper bound": everything}
     for name, result in rows.items():
         out["diagnosis"][name] = {
             "accuracy": result.metrics["accuracy"], "interval": result.metrics["accuracy_interval"],
@@ -187,16 +213,38 @@ def comparisons(results: dict) -> dict:
         "imputation beats copy-input on every target (PSNR and SSIM intervals above 0)": all(
             out["imputation"][t][m]["low"] > 0 for t in targets for m in ("psnr", "ssim")),
         "diagnosis after imputation >= diagnosis from T1n alone (mean difference >= 0)":
-            out["diagnosis"]["after unified imputation (stage 3)"]["vs_t1n_alone"]["mean"] >= 0,
+            out["diagnosis"][IMPUTED_ROW]["vs_t1n_alone"]["mean"] >= 0,
         "diagnosis after imputation above the best constant answer (interval above 0)":
-            out["diagnosis"]["after unified imputation (stage 3)"]["vs_best_constant"]["low"] > 0,
+            out["diagnosis"][IMPUTED_ROW]["vs_best_constant"]["low"] > 0,
         "diagnosis from T1n alone above the best constant answer (interval above 0)":
-            out["diagnosis"]["T1n alone (diagnosis task)"]["vs_best_constant"]["low"] > 0,
+            out["diagnosis"][T1N_ROW]["vs_best_constant"]["low"] > 0,
         f"DHS >= stage 2 on the last target ({last}, PSNR mean difference >= 0)":
             out["dhs_vs_stage2"][last]["psnr"]["mean"] >= 0,
     }
     out["verdicts"] = verdicts
     out["best_constant"] = constant
+    return out
+
+
+def _lesion_comparisons(results: dict) -> dict:
+    """``{target: {estimate: Interval-dict}}``: lesion-region PSNR minus the copy's, for ours and the two estimates
+    of the conditional mean (subjects with a lesion on the scored slice)."""
+    unified = results["unified"]
+    out = {}
+    for target in results["targets"]:
+        found = {"ours": unified.comparisons.get("lesion_psnr_vs_copy_input", {}).get(target)}
+        fitted = (results.get("predictability") or {}).get(target)
+        if fitted is not None:
+            found["conditional-mean CNN"] = fitted["summary"].get("lesion_delta_psnr_vs_copy_interval")
+        lookup = results.get("lookup_table")
+        if lookup is not None:
+            pairs = [(lookup["per_subject"][r["subject_id"]][target]["lesion_psnr"],
+                      r["copy_input"][target]["lesion_psnr"]) for r in unified.per_subject
+                     if "lesion_psnr" in lookup["per_subject"].get(r["subject_id"], {}).get(target, {})
+                     and "lesion_psnr" in r["copy_input"][target]]
+            found["intensity lookup"] = paired_difference([cap_psnr(a) for a, _ in pairs],
+                                                          [cap_psnr(b) for _, b in pairs]).to_dict() if pairs else None
+        out[target] = found
     return out
 
 
@@ -286,7 +334,39 @@ def predictability_table(results: dict, compared: dict) -> str:
         sampler = max(estimates) - SAMPLING_PENALTY_DB - copy[target]["psnr"]
         row["a perfect sampler, expected Δ PSNR vs copy"] = f"{sampler:+.2f}"
         row["ours (one sample) Δ PSNR vs copy"] = interval_text(compared["imputation"][target]["psnr"])
+        lesion = compared.get("lesion_vs_copy", {}).get(target, {})
+        row["lesion region Δ PSNR vs copy: CNN / lookup / ours"] = " / ".join(
+            interval_text(lesion.get(name)) for name in ("conditional-mean CNN", "intensity lookup", "ours"))
         rows.append(row)
+    return markdown_table(rows, list(rows[0]))
+
+
+def diagnosability_table(results: dict, compared: dict) -> str:
+    """Per set of images: a supervised classifier's accuracy against the best constant answer, beside the model's."""
+    from .evaluation.report import markdown_table
+
+    found = results["diagnosability"]
+    names = {"t1n": "T1n alone",
+             "imputed": f"T1n + the stage-3 imputations of {', '.join(results['targets'])} (the classifier fitted "
+                        "on the real ones)",
+             "t1n+targets": f"T1n + the real {', '.join(results['targets'])}",
+             "all": f"all real sequences ({', '.join(found['all']['settings']['sources'])})"}
+    # the model's diagnosis row that reads the same images as each classifier row (None: no such row)
+    model_rows = {"t1n": T1N_ROW, "imputed": IMPUTED_ROW, "t1n+targets": None,
+                  "all": next((k for k in compared["diagnosis"] if k.startswith(ALL_REAL_ROW_PREFIX)), None)}
+    rows = []
+    for key in ("t1n", "imputed", "t1n+targets", "all"):
+        summary = found["t1n+targets" if key == "imputed" else key]["summary"]
+        prefix = "replaced_" if key == "imputed" else ""
+        if f"{prefix}accuracy" not in summary:
+            continue
+        interval = summary[f"{prefix}accuracy_interval"]
+        model = compared["diagnosis"].get(model_rows[key]) if model_rows[key] else None
+        rows.append({"images": names[key],
+                     "classifier accuracy [95% CI]": f"{summary[f'{prefix}accuracy']:.3f} "
+                                                     f"[{interval['low']:.3f}, {interval['high']:.3f}]",
+                     "Δ vs best constant [95% CI]": interval_text(summary[f"{prefix}vs_best_constant"], 3),
+                     "the model's diagnosis from the same images": "" if model is None else f"{model['accuracy']:.3f}"})
     return markdown_table(rows, list(rows[0]))
 
 
@@ -530,6 +610,13 @@ def write_demo_report(report: Path, results: dict, plan, losses: dict, init: Pat
                           f"T1n's tokens, the sharpest head of each model (first {measured['subjects']} subjects, "
                           f"noise levels {', '.join(f'{t:g}' for t in measured['noise_levels'])}; "
                           f"{measured['tokens']} tokens per image)", copy_attention_table(results)))
+    if results.get("diagnosability"):
+        settings = results["diagnosability"]["t1n+targets"]["settings"]
+        position = next(i for i, (title, _) in enumerate(tables) if title.startswith("Diagnosis on")) + 1
+        tables.insert(position, ("How diagnosable are these subjects from the images at all? A classifier fitted "
+                                 f"on the training split's slices ({settings['training_slices']} slices with T1n and "
+                                 f"{', '.join(results['targets'])}, {settings['steps']} steps) and scored on the same "
+                                 "slices as the model", diagnosability_table(results, compared)))
     if results.get("specificity"):
         tables.insert(3, (f"Does the imputation follow its input? Generation from T1n with the same flow noise for "
                           f"all {results['specificity']['subjects']} subjects (stage 3 model)",
@@ -567,7 +654,14 @@ def write_demo_report(report: Path, results: dict, plan, losses: dict, init: Pat
         "input token at the same grid position (one token covers a patch of the slice). Mass on the 8 neighbours "
         "blurs the anatomy by a token's width; a read spread over the whole image carries only contrast and outline.",
         "Lesion-region Δ PSNR: PSNR over the ground-truth lesion's pixels only, imputed minus copy-input, on the "
-        "subjects with a lesion on the scored slice.",
+        "subjects with a lesion on the scored slice. In the predictability table the same for the two estimates "
+        "of the conditional mean: where they too are below the copy, the lesion is not predictable from T1n.",
+        "Diagnosability: a small CNN classifier (cross-entropy, every lesion slice of each training subject, "
+        "left-right flips) fitted on the training split and scored on the same slices as the model. An "
+        "imputation is a function of T1n and noise, so no diagnosis after imputing from T1n can know more about "
+        "the class than T1n carries: the T1n row bounds what imputation can add on these subjects. The "
+        "imputation row feeds the stage-3 imputations to the classifier fitted on the real sequences: whether "
+        "they carry the class information of the real ones.",
         f"Recipe: {plan}.",
         "Figures: loss_curves.png; imputation_examples.png; per-subject panels in unified_dhs/panels/ (subject id, "
         "PSNR/SSIM, predicted vs true diagnosis).",
@@ -588,6 +682,9 @@ def write_demo_report(report: Path, results: dict, plan, losses: dict, init: Pat
                "predictability": {target: {"summary": found["summary"], "settings": found["settings"]}
                                   for target, found in (results.get("predictability") or {}).items()},
                "copy_attention": {model: {target: measured["sharpest"] for target, measured in per_target.items()}
-                                  for model, per_target in results.get("copy_attention", {}).items()}}
+                                  for model, per_target in results.get("copy_attention", {}).items()},
+               "diagnosability": {name: {"summary": found["summary"], "settings": found["settings"],
+                                         "per_subject": found["per_subject"]}
+                                  for name, found in (results.get("diagnosability") or {}).items()}}
     write_metrics_json(report / "demo.json", summary)
     return summary

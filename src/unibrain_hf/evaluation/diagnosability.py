@@ -67,10 +67,10 @@ def _as_batch(stacks: list[np.ndarray], side: int) -> torch.Tensor:
 
 
 def _replacements(directory, subjects: list[str], sources: list[str], held_out: dict) -> dict[str, dict]:
-    from .tasks import _replacement_images, resolve_replacement_dir
+    from .tasks import replacement_images, resolve_replacement_dir
 
     folder = resolve_replacement_dir(directory)
-    found = {subject: _replacement_images(folder, subject, sources) for subject in subjects}
+    found = {subject: replacement_images(folder, subject, sources) for subject in subjects}
     if not any(found.values()):
         raise ValueError(f"replaced_by {folder} holds no <subject>-<code>.png for any scored subject and any of "
                          f"{sources}")

@@ -299,7 +299,8 @@ def resolve_replacement_dir(replaced_by) -> Path:
     return directory
 
 
-def _replacement_images(directory: Path | None, subject_id: str, codes: list[str]) -> dict[str, np.ndarray]:
+def replacement_images(directory: Path | None, subject_id: str, codes: list[str]) -> dict[str, np.ndarray]:
+    """``{code: uint8 grayscale slice}`` of each ``<subject_id>-<code>.png`` in ``directory`` (absent: left out)."""
     if directory is None:
         return {}
     found = {}
@@ -356,7 +357,7 @@ def evaluate_diagnosis(pipe, cohort_dir, modalities_in, split: str = "test", rep
         scaled = scaled_volumes(record, modalities_in)
         slice_index = evaluation_slice_index(record)
         inputs = {code: scaled[code][slice_index] for code in modalities_in}
-        replacements = _replacement_images(replacement_dir, record.subject_id, modalities_in)
+        replacements = replacement_images(replacement_dir, record.subject_id, modalities_in)
         inputs.update(replacements)
         try:
             text = calls.diagnose(pipe, inputs, subject_generator(seed, record.subject_id), max_new_tokens,
@@ -523,4 +524,4 @@ def run_task(task: str, pipe, cohort_dir, **kwargs) -> EvaluationResult:
 __all__ = ["CohortIndex", "DIAGNOSIS_ALSO_REQUIRED", "DiagnosisResult", "EvaluationInputError", "EvaluationResult",
            "GenerationResult", "UnifiedResult", "constant_impression_baseline", "evaluate_diagnosis",
            "evaluate_generation", "evaluate_unified", "index_cohort", "record_affine", "reference_ensemble",
-           "resolve_replacement_dir", "run_task", "select_subjects", "subject_seed"]
+           "replacement_images", "resolve_replacement_dir", "run_task", "select_subjects", "subject_seed"]

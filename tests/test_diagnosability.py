@@ -77,6 +77,8 @@ def test_the_classifier_refuses_bad_inputs_by_name(cohort, tmp_path):
         classifier_baseline(cohort, [], eval_split="test")
     with pytest.raises(Exception, match="dwi"):
         classifier_baseline(cohort, ["t1n", "dwi"], eval_split="test", steps=1)
+    with pytest.raises(ValueError, match=r"subjects \['nobody'\] of 'test' do not have every one of \['t1c'\]"):
+        classifier_baseline(cohort, ["t1c"], eval_split="test", steps=1, subjects=["nobody"])
     empty = tmp_path / "empty"
     empty.mkdir()
     Image.fromarray(np.zeros((SIDE, SIDE), np.uint8)).save(empty / "someone-else-t1c.png")

@@ -99,8 +99,13 @@ def classifier_baseline(cohort, sources, *, eval_split: str = "test", subjects: 
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int; got {value!r}")
     resolved = as_rules(rules)
+    eligible = select_subjects(index_cohort(cohort, eval_split), sources, [])
     if subjects is None:
-        subjects = select_subjects(index_cohort(cohort, eval_split), sources, [])
+        subjects = eligible
+    known = set(eligible)
+    lacking = [subject for subject in subjects if subject not in known]
+    if lacking:
+        raise ValueError(f"subjects {lacking[:5]} of {eval_split!r} do not have every one of {sources}")
     held_out = evaluation_slices(cohort, eval_split, subjects, sources)
     if not held_out:
         raise ValueError(f"no subject of {eval_split!r} in {cohort} has every one of {sources}")

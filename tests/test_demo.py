@@ -125,6 +125,21 @@ def test_comparisons_pair_the_same_subjects_and_decide_the_claims():
     assert compared["diagnosis"]["T1n alone (diagnosis task)"]["vs_best_constant"]["mean"] == pytest.approx(0.0)
     verdicts = list(compared["verdicts"].values())
     assert verdicts == [True, True, True, False, True]  # T1n alone does not beat the best constant answer
+    assert set(compared["data_allow"]) == set(compared["verdicts"]) and not any(compared["data_allow"].values())
+    # With the supervised estimates measured, the claims they bound say what the data allow.
+    from unibrain_hf.demo_report import expected_sampler_delta
+
+    results["predictability"] = {"t2f": {"summary": {"psnr": 17.0}}}
+    results["diagnosability"] = {"t1n": {"summary": {"vs_best_constant": {"mean": 0.0, "low": -0.2, "high": 0.2,
+                                                                          "n": 4, "excludes_zero": False}}}}
+    copy = results["unified"].baselines.setdefault("copy_input", {"per_target": {}})
+    copy["per_target"]["t2f"] = {"psnr": 15.0}
+    assert expected_sampler_delta(results, "t2f") == pytest.approx(17.0 - 3.0103 - 15.0, abs=1e-4)
+    assert expected_sampler_delta({**results, "predictability": None}, "t2f") is None
+    allowed = list(comparisons(results)["data_allow"].values())
+    assert allowed[0] == "a perfect one-sample imputation is expected at Δ PSNR t2f -1.01 dB"
+    assert allowed[2] == allowed[3] == "a classifier fitted on T1n: Δ vs best constant +0.000 [-0.200, +0.200]"
+    assert allowed[1] == allowed[4] == ""
     # Findings on normal subjects: T1n alone is right on every glioma and calls every normal subject "Gli".
     assert results["diagnosis_t1n"].metrics["findings_on_normal"]["mean"] == 1.0
     assert results["unified"].metrics["findings_on_normal"]["mean"] == 0.0

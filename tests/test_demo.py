@@ -241,6 +241,17 @@ def test_quick_demo_rescored_from_a_copied_folder_reuses_every_stage(tmp_path, m
     replaced = [row["replaced"] for row in found["t1n+targets"]["per_subject"]]
     assert replaced == [targets] * summary["headline"]["subjects"]
     assert 0 <= found["t1n+targets"]["summary"]["replaced_accuracy"] <= 1
+    claims = text.split("## Claims", 1)[1].split("##", 1)[0]
+    assert "a perfect one-sample imputation is expected" in claims and "a classifier fitted on T1n" in claims
+
+    # Both supervised estimates can be switched off: their tables and the claims' bounds go, the report stays.
+    assert main(["--quick", "--out", "../copy", "--reuse-stages", "--set", "diagnosability_steps=0",
+                 "--set", "predictability_steps=0"]) == 0
+    summary = json.loads((tmp_path / "copy" / "report" / "demo.json").read_text())
+    assert summary["diagnosability"] == {} and summary["predictability"] == {}
+    assert not any(summary["comparisons"]["data_allow"].values())
+    text = (tmp_path / "copy" / "report" / "summary.md").read_text()
+    assert "How diagnosable" not in text and "How predictable" not in text and "## Claims" in text
 
 
 def test_bootstrap_builds_the_vae_latent_the_plan_asks_for(tmp_path):

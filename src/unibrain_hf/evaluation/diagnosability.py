@@ -83,7 +83,7 @@ def _replacements(directory, subjects: list[str], sources: list[str], held_out: 
 
 
 def classifier_baseline(cohort, sources, *, eval_split: str = "test", subjects: list[str] | None = None,
-                        train_split: str = "train", steps: int = 1500, batch_size: int = 32, width: int = 16,
+                        train_split: str = "train", steps: int = 3000, batch_size: int = 32, width: int = 16,
                         learning_rate: float = 2e-3, seed: int = 0, replaced_by=None,
                         rules: RulesLike = None) -> dict:
     """Fit the classifier on ``train_split`` and score it on the evaluation slices of ``eval_split``.
@@ -114,8 +114,10 @@ def classifier_baseline(cohort, sources, *, eval_split: str = "test", subjects: 
 
     stacks, labels = _training_slices(cohort, sources, train_split, resolved)
     classes = [word for word in resolved.class_words if word in set(labels)]
-    side = int(np.ceil(max(max(s.shape[1:]) for s in stacks + [np.stack(list(v.values())) for v in
-                                                                held_out.values()]) / 8) * 8)
+    # one square canvas for every slice (centred zero padding; the background is 0 after intensity scaling)
+    every_slice = [channel for stack in stacks for channel in stack] + [
+        image for images in held_out.values() for image in images.values()]
+    side = int(np.ceil(max(max(image.shape) for image in every_slice) / 8) * 8)
     x = _as_batch(stacks, side)
     y = torch.tensor([classes.index(label) for label in labels])
 

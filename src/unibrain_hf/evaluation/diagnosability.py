@@ -22,10 +22,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.intensity import lesion_slice_indices, pad_to_size
+from ..data.intensity import lesion_slice_indices
 from ..data.radgenome import iter_subject_records
 from ..protocol.diagnosis import RulesLike, as_rules
 from .cohort import check_codes, evaluation_slices, index_cohort, scaled_volumes, select_subjects
+from .predictability import canvas_side, network_batch
 from .statistics import best_constant_answer, bootstrap_mean, paired_difference
 
 
@@ -59,11 +60,6 @@ def _training_slices(cohort, sources: list[str], split: str, rules) -> tuple[lis
     if not stacks:
         raise ValueError(f"no {split} subject of {cohort} has every one of {sources}")
     return stacks, labels
-
-
-def _as_batch(stacks: list[np.ndarray], side: int) -> torch.Tensor:
-    padded = np.stack([np.stack([pad_to_size(channel, side) for channel in stack]) for stack in stacks])
-    return torch.from_numpy(padded.astype(np.float32)) / 127.5 - 1.0
 
 
 def _replacements(directory, subjects: list[str], sources: list[str], held_out: dict) -> dict[str, dict]:
@@ -114,11 +110,8 @@ def classifier_baseline(cohort, sources, *, eval_split: str = "test", subjects: 
 
     stacks, labels = _training_slices(cohort, sources, train_split, resolved)
     classes = [word for word in resolved.class_words if word in set(labels)]
-    # one square canvas for every slice (centred zero padding; the background is 0 after intensity scaling)
-    every_slice = [channel for stack in stacks for channel in stack] + [
-        image for images in held_out.values() for image in images.values()]
-    side = int(np.ceil(max(max(image.shape) for image in every_slice) / 8) * 8)
-    x = _as_batch(stacks, side)
+    side = canvas_side(stacks + [image for images in held_out.values() for image in images.values()])
+    x = network_batch(stacks, side)
     y = torch.tensor([classes.index(label) for label in labels])
 
     torch_rng = torch.Generator().manual_seed(seed)
@@ -139,7 +132,7 @@ def classifier_baseline(cohort, sources, *, eval_split: str = "test", subjects: 
 
     def predict(stacks_by_subject: list[np.ndarray]) -> list[str]:
         with torch.no_grad():
-            return [classes[i] for i in network(_as_batch(stacks_by_subject, side)).argmax(-1).tolist()]
+            return [classes[i] for i in network(network_batch(stacks_by_subject, side)).argmax(-1).tolist()]
 
     truths = [resolved.classify(subject) for subject in subjects]
     real = predict([np.stack([held_out[s][code] for code in sources]) for s in subjects])

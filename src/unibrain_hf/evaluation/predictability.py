@@ -48,8 +48,9 @@ def _network(width: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers)
 
 
-def _canvas(slices: list[np.ndarray]) -> int:
-    side = max(max(s.shape) for s in slices)
+def canvas_side(images: list[np.ndarray]) -> int:
+    """The side of one square canvas that holds every (H, W) or (C, H, W) image, a multiple of 8."""
+    side = max(max(image.shape[-2:]) for image in images)
     return int(math.ceil(side / 8) * 8)
 
 
@@ -72,10 +73,14 @@ def _training_pairs(cohort, source: str, target: str, split: str, slices_per_sub
     return inputs, targets
 
 
-def _as_batch(slices: list[np.ndarray], side: int) -> torch.Tensor:
-    # Centred zero padding to a common square (the background is 0 after intensity scaling).
-    padded = np.stack([pad_to_size(image, side) for image in slices]).astype(np.float32)
-    return torch.from_numpy(padded)[:, None] / 127.5 - 1.0
+def network_batch(images: list[np.ndarray], side: int) -> torch.Tensor:
+    """(N, C, side, side) in [-1, 1] from uint8 (H, W) (one channel) or (C, H, W) images, for the fitted baselines.
+
+    Centred zero padding to the common square (the background is 0 after intensity scaling).
+    """
+    stacks = [image[None] if image.ndim == 2 else image for image in images]
+    padded = np.stack([np.stack([pad_to_size(channel, side) for channel in stack]) for stack in stacks])
+    return torch.from_numpy(padded.astype(np.float32)) / 127.5 - 1.0
 
 
 def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: str = "test",
@@ -103,8 +108,8 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
     held_out = evaluation_slices(cohort, eval_split, subjects, [source, target])
     if not held_out:
         raise ValueError(f"no subject of {eval_split!r} in {cohort} has both {source} and {target}")
-    side = _canvas(inputs + targets + [s[source] for s in held_out.values()])
-    x, y = _as_batch(inputs, side), _as_batch(targets, side)
+    side = canvas_side(inputs + targets + [s[source] for s in held_out.values()])
+    x, y = network_batch(inputs, side), network_batch(targets, side)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -122,7 +127,7 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
     with torch.no_grad():
         for subject, images in held_out.items():
             source_image, truth = images[source], images[target]
-            predicted = network(_as_batch([source_image], side))[0, 0]
+            predicted = network(network_batch([source_image], side))[0, 0]
             predicted = ((predicted.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
             predicted = center_crop(predicted, truth.shape)
             rows.append({"subject_id": subject, "psnr": cap_psnr(psnr(truth, predicted)),
@@ -149,4 +154,4 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
     return {"per_subject": rows, "summary": summary, "settings": settings}
 
 
-__all__ = ["SAMPLING_PENALTY_DB", "conditional_mean_baseline"]
+__all__ = ["SAMPLING_PENALTY_DB", "canvas_side", "conditional_mean_baseline", "network_batch"]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluation.results import NORMAL_CLASS, cap_psnr, image_series, interval_text
+from .evaluation.results import NORMAL_CLASS, image_series, interval_text, lesion_comparisons
 from .evaluation.statistics import paired_difference
 
 #: Subjects the attention measurement reads (its spread across subjects is small; each costs a few forwards).
@@ -266,12 +266,10 @@ def _lesion_comparisons(results: dict) -> dict:
             found["conditional-mean CNN"] = fitted["summary"].get("lesion_delta_psnr_vs_copy_interval")
         lookup = results.get("lookup_table")
         if lookup is not None:
-            pairs = [(lookup["per_subject"][r["subject_id"]][target]["lesion_psnr"],
-                      r["copy_input"][target]["lesion_psnr"]) for r in unified.per_subject
-                     if "lesion_psnr" in lookup["per_subject"].get(r["subject_id"], {}).get(target, {})
-                     and "lesion_psnr" in r["copy_input"][target]]
-            found["intensity lookup"] = paired_difference([cap_psnr(a) for a, _ in pairs],
-                                                          [cap_psnr(b) for _, b in pairs]).to_dict() if pairs else None
+            # the lookup's scores beside the copy's, in the per-subject layout lesion_comparisons pairs
+            records = [{"lookup": lookup["per_subject"][r["subject_id"]], "copy_input": r["copy_input"]}
+                       for r in unified.per_subject if target in lookup["per_subject"].get(r["subject_id"], {})]
+            found["intensity lookup"] = lesion_comparisons(records, [target], ours="lookup").get(target)
         out[target] = found
     return out
 

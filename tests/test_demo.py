@@ -138,6 +138,15 @@ def test_comparisons_pair_the_same_subjects_and_decide_the_claims():
     assert expected_sampler_delta({**results, "predictability": None}, "t2f") is None
     allowed = list(comparisons(results)["data_allow"].values())
     assert allowed[0] == "a perfect one-sample imputation is expected at Δ PSNR t2f -1.01 dB"
+    # with the SSIM estimate measured too (a results file from before it has none: the PSNR text alone, above)
+    assert expected_sampler_delta(results, "t2f", "ssim") is None
+    results["predictability"]["t2f"]["summary"]["sampler_ssim_estimate"] = 0.68
+    copy["per_target"]["t2f"]["ssim"] = 0.65
+    assert expected_sampler_delta(results, "t2f", "ssim") == pytest.approx(0.03)  # no penalty: the estimate is one
+    allowed = list(comparisons(results)["data_allow"].values())
+    assert allowed[0] == "a perfect one-sample imputation is expected at Δ PSNR t2f -1.01 dB; Δ SSIM t2f +0.030"
+    with pytest.raises(ValueError, match="metric must be"):
+        expected_sampler_delta(results, "t2f", "lpips")
     assert allowed[2] == allowed[3] == "a classifier fitted on T1n: Δ vs best constant +0.000 [-0.200, +0.200]"
     assert allowed[1] == allowed[4] == ""
     # Findings on normal subjects: T1n alone is right on every glioma and calls every normal subject "Gli".
@@ -346,6 +355,15 @@ def test_predictability_table_takes_the_better_mean_estimate_less_the_sampling_p
     assert "| -0.01 |" in row  # 18.0 − 10·log10(2) − 15.0
     results["lookup_table"]["per_target"]["t2f"]["psnr"] = 15.5  # now the CNN is the better estimate
     assert "| -2.01 |" in predictability_table(results, compared).splitlines()[-1]  # 16.0 − 3.01 − 15.0
+    assert "SSIM vs copy" not in predictability_table(results, compared)  # no SSIM estimate measured
+    results["unified"].baselines["copy_input"]["per_target"]["t2f"]["ssim"] = 0.65
+    results["predictability"]["t2f"]["summary"]["sampler_ssim_estimate"] = 0.60
+    results["lookup_table"]["per_target"]["t2f"]["sampler_ssim"] = 0.70  # the better one sets the bound
+    compared["imputation"]["t2f"]["ssim"] = {**interval, "mean": -0.12, "low": -0.15, "high": -0.09,
+                                             "excludes_zero": True}
+    table = predictability_table(results, compared)
+    assert "a perfect sampler, expected Δ SSIM vs copy" in table.splitlines()[0]
+    assert "| +0.050 |" in table.splitlines()[-1] and "-0.120 [-0.150, -0.090] ✗" in table.splitlines()[-1]
 
 
 def test_lesion_and_diagnosability_rows_pair_the_estimates_with_the_models_own_rows():

@@ -420,6 +420,10 @@ def test_conditional_mean_baseline_learns_an_inverted_contrast_that_copying_cann
     assert summary["delta_psnr_vs_copy"] > 3 and summary["ssim"] > summary["copy_ssim"]
     assert summary["sampler_psnr_estimate"] == pytest.approx(summary["psnr"] - SAMPLING_PENALTY_DB)
     assert SAMPLING_PENALTY_DB == pytest.approx(3.0103, abs=1e-4)
+    # a sample around the fitted mean scores below the mean's SSIM, per subject, and is paired against the copy
+    assert all(row["sampler_ssim"] < row["ssim"] for row in result["per_subject"] if row["ssim"] < 1)
+    assert summary["sampler_ssim_delta_vs_copy"] == pytest.approx(summary["sampler_ssim_estimate"] - summary["copy_ssim"])
+    assert summary["sampler_ssim_vs_copy_interval"]["mean"] == pytest.approx(summary["sampler_ssim_delta_vs_copy"])
     again = conditional_mean_baseline(cohort_dir, "t1n", "t2w", eval_split="test", steps=150, width=8,
                                       slices_per_subject=4)
     assert again["summary"] == summary  # seeded

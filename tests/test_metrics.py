@@ -368,3 +368,60 @@ def test_lesion_psnr_scores_only_the_masked_pixels():
     assert lesion_psnr(truth, prediction, np.zeros((8, 8), bool)) is None
     with pytest.raises(ValueError, match="lesion mask is"):
         lesion_psnr(truth, prediction, lesion[:4])
+
+
+def test_windowed_ssim_is_scikit_images_ssim_term_for_term():
+    from unibrain_hf.evaluation.metrics import _windowed_ssim
+
+    rng = np.random.default_rng(0)
+    for shape in ((16, 20), (9, 11, 12)):
+        truth, prediction = rng.random(shape), rng.random(shape)
+        prediction[: shape[0] // 2] = truth[: shape[0] // 2]  # partly equal: both SSIM terms matter
+        assert _windowed_ssim(truth, prediction) == pytest.approx(
+            structural_similarity(truth, prediction, data_range=1), abs=1e-12)
+
+
+def _posterior_world(noise_std: float, correlation_px: float, seed: int):
+    """A known posterior: truth = mean + smooth-or-white noise inside a disc, so a perfect sampler can be drawn."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:64, :64]
+    mean = 0.5 + 0.25 * np.sin(xx / 5.0) * np.cos(yy / 7.0)
+    mean[(xx - 32) ** 2 + (yy - 32) ** 2 > 28 ** 2] = 0.0
+
+    def draw():
+        noise = rng.standard_normal(mean.shape)
+        if correlation_px:
+            noise = gaussian_filter(noise, correlation_px)
+            noise /= noise.std()
+        return np.clip(mean + noise_std * (mean > 0) * noise, 0, 1)
+
+    return mean, draw
+
+
+@pytest.mark.parametrize("noise_std, correlation_px, tolerance_below, tolerance_above",
+                         [(0.05, 0.0, 0.01, 0.01), (0.1, 1.0, 0.0, 0.04)])
+def test_sampler_ssim_matches_a_perfect_samplers_monte_carlo_ssim(noise_std, correlation_px, tolerance_below,
+                                                                   tolerance_above):
+    from unibrain_hf.evaluation.metrics import sampler_ssim, ssim
+
+    mean, draw = _posterior_world(noise_std, correlation_px, seed=1)
+    pairs = [(draw(), draw()) for _ in range(60)]
+    monte_carlo = np.mean([structural_similarity(truth, sample, data_range=1) for truth, sample in pairs])
+    estimate = np.mean([sampler_ssim(truth, mean) for truth, _ in pairs])
+    assert monte_carlo - tolerance_below <= estimate <= monte_carlo + tolerance_above
+    # one sample scores below the mean it was drawn around (SSIM's analogue of the 3.01 dB)
+    assert estimate < np.mean([ssim(truth, mean) for truth, _ in pairs]) - 0.05
+
+
+def test_sampler_ssim_of_an_exact_estimate_is_one_and_inputs_are_checked():
+    from unibrain_hf.evaluation.metrics import sampler_ssim
+
+    truth = np.random.default_rng(2).integers(0, 256, (12, 12)).astype(np.uint8)
+    assert sampler_ssim(truth, truth) == pytest.approx(1.0)
+    assert sampler_ssim(truth, truth.astype(np.float64) / 255) == pytest.approx(1.0)  # a float mean in [0, 1]
+    with pytest.raises(ValueError, match="at least 7"):
+        sampler_ssim(truth[:5], truth[:5])
+    with pytest.raises(ValueError, match="shapes differ"):
+        sampler_ssim(truth, truth[:10])

@@ -13,7 +13,9 @@ estimate, not the exact mean (its error is at least the posterior variance), so
 ``sampler_psnr_estimate`` = its PSNR − 3.01 dB is where a perfect sampler is expected when the
 network is close to the best predictor, and a lower estimate otherwise. Where that number is
 below copying the input, a single sampled imputation beating the copy in PSNR would need a model
-better than the data allows; averaging several samples moves it back toward the mean.
+better than the data allows; averaging several samples moves it back toward the mean. SSIM has no such
+exact penalty; ``sampler_ssim_estimate`` is the plug-in estimate of :func:`~.metrics.sampler_ssim` (one
+sample = the network's mean plus an independent residual of the observed residual's local size).
 
     python -c "from unibrain_hf.evaluation.predictability import conditional_mean_baseline as f; \\
 print(f('runs/demo/cohort', 't1n', 't2f', eval_split='val')['summary'])"
@@ -29,7 +31,7 @@ import torch
 from ..data.intensity import center_crop, lesion_slice_indices, pad_to_size
 from ..data.radgenome import iter_subject_records
 from .cohort import evaluation_lesion_masks, evaluation_slices, index_cohort, scaled_volumes, select_subjects
-from .metrics import lesion_psnr, psnr, ssim
+from .metrics import lesion_psnr, psnr, sampler_ssim, ssim
 from .results import cap_psnr
 from .statistics import paired_difference
 
@@ -93,7 +95,7 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
     ``{"per_subject": [{subject_id, psnr, ssim, copy_psnr, copy_ssim[, lesion_psnr, copy_lesion_psnr]}],
     "summary": {psnr, ssim, copy_psnr, copy_ssim, delta_psnr_vs_copy (+ its paired bootstrap interval),
     lesion_delta_psnr_vs_copy_interval (subjects with a lesion on the scored slice; None without any),
-    sampler_psnr_estimate, sampler_delta_vs_copy},
+    sampler_psnr_estimate, sampler_delta_vs_copy, sampler_ssim_estimate, sampler_ssim_delta_vs_copy (+ interval)},
     "settings": {...}}``; images are compared on their own (unpadded) grid, as the evaluation tasks do.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("width", width),
@@ -131,8 +133,8 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
             predicted = ((predicted.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
             predicted = center_crop(predicted, truth.shape)
             rows.append({"subject_id": subject, "psnr": cap_psnr(psnr(truth, predicted)),
-                         "ssim": ssim(truth, predicted), "copy_psnr": cap_psnr(psnr(truth, source_image)),
-                         "copy_ssim": ssim(truth, source_image)})
+                         "ssim": ssim(truth, predicted), "sampler_ssim": sampler_ssim(truth, predicted),
+                         "copy_psnr": cap_psnr(psnr(truth, source_image)), "copy_ssim": ssim(truth, source_image)})
             if masks[subject] is not None and masks[subject].any():
                 # Is the lesion itself predictable from the source? (The whole image hides a few hundred pixels.)
                 rows[-1].update(lesion_psnr=cap_psnr(lesion_psnr(truth, predicted, masks[subject])),
@@ -147,6 +149,10 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
         [row["copy_lesion_psnr"] for row in with_lesion]).to_dict() if with_lesion else None
     summary["sampler_psnr_estimate"] = summary["psnr"] - SAMPLING_PENALTY_DB
     summary["sampler_delta_vs_copy"] = summary["sampler_psnr_estimate"] - summary["copy_psnr"]
+    summary["sampler_ssim_estimate"] = float(np.mean([row["sampler_ssim"] for row in rows]))
+    summary["sampler_ssim_delta_vs_copy"] = summary["sampler_ssim_estimate"] - summary["copy_ssim"]
+    summary["sampler_ssim_vs_copy_interval"] = paired_difference([row["sampler_ssim"] for row in rows],
+                                                                 [row["copy_ssim"] for row in rows]).to_dict()
     settings = dict(source=source, target=target, train_split=train_split, eval_split=eval_split, steps=steps,
                     batch_size=batch_size, width=width, slices_per_subject=slices_per_subject,
                     learning_rate=learning_rate, seed=seed, training_slices=len(inputs), canvas=side,

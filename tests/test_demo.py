@@ -240,6 +240,11 @@ def test_quick_demo_rescored_from_a_copied_folder_reuses_every_stage(tmp_path, m
     assert set(summary["predictability"]) == set(summary["plan"]["targets"].split(","))
     assert all(found["settings"]["steps"] == summary["plan"]["predictability_steps"] > 0
                for found in summary["predictability"].values())
+    # and the same regression in the VAE's latent space, as a column of that table
+    assert set(summary["latent_predictability"]) == set(summary["predictability"])
+    assert all(found["settings"]["steps"] == summary["plan"]["latent_predictability_steps"] > 0
+               for found in summary["latent_predictability"].values())
+    assert "regression in the VAE's latent space" in text
     # how diagnosable the subjects are: a classifier per set of images, and the imputations read in place of
     # the real targets for every scored subject
     assert "How diagnosable are these subjects" in text
@@ -257,7 +262,7 @@ def test_quick_demo_rescored_from_a_copied_folder_reuses_every_stage(tmp_path, m
     assert main(["--quick", "--out", "../copy", "--reuse-stages", "--set", "diagnosability_steps=0",
                  "--set", "predictability_steps=0"]) == 0
     summary = json.loads((tmp_path / "copy" / "report" / "demo.json").read_text())
-    assert summary["diagnosability"] == {} and summary["predictability"] == {}
+    assert summary["diagnosability"] == {} and summary["predictability"] == {} and summary["latent_predictability"] == {}
     assert not any(summary["comparisons"]["data_allow"].values())
     text = (tmp_path / "copy" / "report" / "summary.md").read_text()
     assert "How diagnosable" not in text and "How predictable" not in text and "## Claims" in text
@@ -275,6 +280,27 @@ def test_bootstrap_builds_the_vae_latent_the_plan_asks_for(tmp_path):
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     model_config = json.loads((out / "model" / "config.json").read_text())
     assert vae_config["latent_channels"] == 4 and model_config["latent_channels"] == 4
+
+
+def test_bootstrap_shrinks_slices_larger_than_the_canvas_and_refuses_a_canvas_off_the_latent_grid(tmp_path):
+    """A canvas smaller than the cohort's slices fits the VAE on shrunk slices (it used to crash inside torch's
+    loss); a side the VAE and the latent patches do not tile is refused by name before anything is written."""
+    from unibrain_hf.data.phantom.generator import generate_cohort
+    from unibrain_hf.demo import main
+    from unibrain_hf.train.bootstrap import bootstrap_pipeline
+
+    cohort = generate_cohort(tmp_path / "cohort", 6, seed=0, voxel_size=6.0)  # axial slices 36 × 32
+    plan = QUICK.replace(["vae_steps=2"])
+    stride = plan.vae_downsample * plan.latent_patch_size
+    out = bootstrap_pipeline(cohort, tmp_path / "init", image_size=2 * stride, hidden_size=plan.hidden_size,
+                             layers=plan.layers, vae=vae_recipe(plan), log=lambda *_: None)
+    assert json.loads((out / "vae_fit.json").read_text())["image_size"] == 2 * stride
+    with pytest.raises(ValueError, match="image_size must be a positive multiple"):
+        bootstrap_pipeline(cohort, tmp_path / "bad", image_size=stride + 4, vae=vae_recipe(plan), log=lambda *_: None)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit, match="image_size=.*multiple of vae_downsample"):
+        main(["--quick", "--out", str(tmp_path / "demo"), "--set", f"image_size={stride + 4}"])
+    assert not (tmp_path / "demo").exists()
 
 
 def test_bootstrap_sizes_the_vit_copy_as_the_plan_asks_and_refuses_sizes_off_the_patch_grid(tmp_path):

@@ -469,3 +469,39 @@ def test_a_seeded_copy_head_reads_the_same_position_before_any_training(cohort_d
         bootstrap_pipeline(cohort_dir, tmp_path / "narrow", hidden_size=64, heads=4, kv_heads=2, vae_steps=5,
                            log=lambda *_: None, copy_head_gain=2.0)
     assert not (tmp_path / "narrow").exists()
+
+
+def test_latent_mean_baseline_regresses_in_the_pipelines_own_vae_space(cohort_dir, tmp_path):
+    from unibrain_hf import UniBrainPipeline
+    from unibrain_hf.evaluation.calls import vae_decode_slices, vae_encode_slices, vae_reconstruction
+    from unibrain_hf.evaluation.predictability import latent_mean_baseline
+    from unibrain_hf.train.bootstrap import bootstrap_pipeline
+
+    pipe = UniBrainPipeline.from_pretrained(str(bootstrap_pipeline(cohort_dir, tmp_path / "init", image_size=32,
+                                                                   hidden_size=32, layers=2, heads=2, kv_heads=1,
+                                                                   vae_steps=20, seed=0)))
+    # the encode/decode pair is the VAE ceiling's own path
+    image = (np.arange(32 * 28).reshape(32, 28) % 251).astype(np.uint8)
+    latents, prepared = vae_encode_slices(pipe, [image, image])
+    decoded = vae_decode_slices(pipe, latents, prepared)
+    assert all(np.array_equal(d, vae_reconstruction(pipe, image)) for d in decoded)
+
+    result = latent_mean_baseline(pipe, cohort_dir, "t1n", "t2w", eval_split="test", steps=60, width=8,
+                                  slices_per_subject=3)
+    summary, settings = result["summary"], result["settings"]
+    assert len(result["per_subject"]) >= 1 and settings["training_slices"] > 5
+    assert settings["latent_shape"][0] == pipe.vae.config.latent_channels
+    for metric in ("psnr", "ssim"):
+        interval = summary[f"delta_{metric}_vs_copy_interval"]
+        assert interval["mean"] == pytest.approx(summary[metric] - summary[f"copy_{metric}"])
+    # the fit learnt: better than the same network after one step
+    one_step = latent_mean_baseline(pipe, cohort_dir, "t1n", "t2w", eval_split="test", steps=1, width=8,
+                                    slices_per_subject=3)
+    assert settings["final_training_loss"] < one_step["settings"]["final_training_loss"]
+    again = latent_mean_baseline(pipe, cohort_dir, "t1n", "t2w", eval_split="test", steps=60, width=8,
+                                 slices_per_subject=3)
+    assert again["summary"] == summary  # seeded
+    with pytest.raises(ValueError, match="width must be a positive int"):
+        latent_mean_baseline(pipe, cohort_dir, "t1n", "t2w", width=0)
+    with pytest.raises(ValueError, match="has both t1n and dwi"):
+        latent_mean_baseline(pipe, cohort_dir, "t1n", "dwi", steps=1)

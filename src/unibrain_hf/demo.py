@@ -85,6 +85,8 @@ class DemoPlan:
     inference_steps: int = 10
     # Steps of the conditional-mean CNN that tells how predictable each target is from T1n (0: skip it)
     predictability_steps: int = 600
+    # Steps of the same regression in the VAE's latent space, the model's own (what its mean could reach; 0: skip)
+    latent_predictability_steps: int = 1500
     # Steps of the classifier that tells how diagnosable the subjects are from each set of images (0: skip it)
     diagnosability_steps: int = 3000
     max_new_tokens: int = 96
@@ -119,7 +121,7 @@ class DemoPlan:
 FULL = DemoPlan()
 QUICK = DemoPlan(subjects=24, voxel_size=6.0, image_size=48, vae_steps=10, hidden_size=32, layers=2,
                  align_steps=3, unified_steps=4, dhs_steps=2, eval_subjects=2, inference_steps=2, max_new_tokens=8,
-                 predictability_steps=5, diagnosability_steps=5,
+                 predictability_steps=5, latent_predictability_steps=5, diagnosability_steps=5,
                  copy_head_gain=0.0)  # 8-channel heads leave no room for a copy head
 
 
@@ -246,9 +248,15 @@ def run(args) -> int:
 
     _require_plotting()
     plan = (QUICK if args.quick else FULL).replace(args.assignments)
+    stride = plan.vae_downsample * plan.latent_patch_size
+    if plan.image_size <= 0 or plan.image_size % stride:  # before anything is written
+        raise SystemExit(f"unibrain demo: error: --set image_size={plan.image_size}: must be a positive multiple of "
+                         f"vae_downsample × latent_patch_size = {stride}")
     try:  # before anything is written
         vit_resize_bounds(plan.image_size, plan.vit_image_size or None)
     except ValueError as err:
+        if not plan.vit_image_size:
+            raise SystemExit(f"unibrain demo: error: --set image_size={plan.image_size}: {err}")
         raise SystemExit(f"unibrain demo: error: --set vit_image_size={plan.vit_image_size}: {err} (0: the default)")
     if plan.copy_head_gain:  # 0 is off
         from .train.copy_head import check_copy_head

@@ -55,7 +55,7 @@ def evaluate_demo(dhs_dir: Path, stage2_dir: Path, cohort: Path, report: Path, p
     from .evaluation.cohort import index_cohort, select_subjects
     from .evaluation.copy_attention import copy_attention
     from .evaluation.diagnosability import classifier_baseline
-    from .evaluation.predictability import conditional_mean_baseline
+    from .evaluation.predictability import conditional_mean_baseline, latent_mean_baseline
     from .evaluation.specificity import input_specificity
     from .evaluation.tasks import evaluate_diagnosis, evaluate_unified
     from .pipelines.pipeline_unibrain import UniBrainPipeline
@@ -96,6 +96,11 @@ def evaluate_demo(dhs_dir: Path, stage2_dir: Path, cohort: Path, report: Path, p
                                                  **common)
     results["copy_attention"]["stage 2"] = {t: copy_attention(stage2, cohort, split, first, "t1n", t, seed=seed)
                                             for t in targets}
+    if plan.predictability_steps and plan.latent_predictability_steps:  # a column of the predictability table
+        results["latent_predictability"] = {
+            target: latent_mean_baseline(stage2, cohort, "t1n", target, eval_split=split, subjects=subjects,
+                                         steps=plan.latent_predictability_steps, seed=seed)
+            for target in targets}
     results["lookup_table"] = lookup_table_baseline(cohort, split, subjects, "t1n", targets)
     if plan.predictability_steps:
         results["predictability"] = {
@@ -370,6 +375,12 @@ def predictability_table(results: dict, compared: dict) -> str:
         if target in lookup["per_target"]:
             lookup_delta = lookup["per_target"][target]["psnr"] - copy[target]["psnr"]
             row["intensity lookup Δ PSNR vs copy"] = f"{lookup_delta:+.2f}"
+        latent = (results.get("latent_predictability") or {}).get(target)
+        if latent is not None:
+            # the same regression through the VAE, in the space the model denoises: what the model's mean could reach
+            row["regression in the VAE's latent space: Δ PSNR / Δ SSIM vs copy"] = (
+                f"{interval_text(latent['summary']['delta_psnr_vs_copy_interval'])} / "
+                f"{interval_text(latent['summary']['delta_ssim_vs_copy_interval'], 3)}")
         row["a perfect sampler, expected Δ PSNR vs copy"] = f"{expected_sampler_delta(results, target):+.2f}"
         row["ours (one sample) Δ PSNR vs copy"] = interval_text(compared["imputation"][target]["psnr"])
         sampler_ssim = expected_sampler_delta(results, target, "ssim")
@@ -728,6 +739,8 @@ def write_demo_report(report: Path, results: dict, plan, losses: dict, init: Pat
                "specificity": results.get("specificity"),
                "predictability": {target: {"summary": found["summary"], "settings": found["settings"]}
                                   for target, found in (results.get("predictability") or {}).items()},
+               "latent_predictability": {target: {"summary": found["summary"], "settings": found["settings"]}
+                                         for target, found in (results.get("latent_predictability") or {}).items()},
                "copy_attention": {model: {target: measured["sharpest"] for target, measured in per_target.items()}
                                   for model, per_target in results.get("copy_attention", {}).items()},
                "diagnosability": {name: {"summary": found["summary"], "settings": found["settings"],

@@ -99,6 +99,29 @@ def has_vae(pipe) -> bool:
 
 
 @torch.no_grad()
+def vae_encode_slices(pipe, images: list[np.ndarray]) -> tuple[torch.Tensor, list]:
+    """uint8 slices → (the posterior-mean latents the model reads, (N, C, h, w); each slice's preparation).
+
+    Each slice is prepared exactly as a pipeline input (padded to the model canvas); the slices must
+    share one canvas (the demo's padded cohort does). The preparations crop decoded images back.
+    """
+    from ..modeling.vae import encode_latents
+    from ..pipelines.mri_io import load_slice
+
+    prepared = [load_slice(np.asarray(image, dtype=np.uint8), "image", pipe.processor.vae_resize) for image in images]
+    pixels = torch.from_numpy(np.stack([p.rgb for p in prepared])).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    latents = encode_latents(pipe.vae, pixels.to(pipe.vae.device, pipe.vae.dtype), sample=False)
+    return latents, prepared
+
+
+def vae_decode_slices(pipe, latents: torch.Tensor, prepared: list) -> list[np.ndarray]:
+    """Latents → uint8 slices on each input's grid, truncated and cropped back as an imputed image is."""
+    from ..modeling.vae import decode_latents
+
+    decoded = ((decode_latents(pipe.vae, latents).float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
+    return [p.restore(image.permute(1, 2, 0).cpu().numpy()) for image, p in zip(decoded, prepared)]
+
+
 def vae_reconstruction(pipe, image: np.ndarray) -> np.ndarray:
     """The pipeline's VAE round trip of a uint8 slice (posterior mean), on the slice's grid: the ceiling.
 
@@ -106,14 +129,9 @@ def vae_reconstruction(pipe, image: np.ndarray) -> np.ndarray:
     image is truncated to uint8 and cropped back as an imputed one is, so an imputation scored
     against the truth can at best reach this image's scores.
     """
-    from ..modeling.vae import decode_latents, encode_latents
-    from ..pipelines.mri_io import load_slice
-
-    prepared = load_slice(np.asarray(image, dtype=np.uint8), "image", pipe.processor.vae_resize)
-    pixels = torch.from_numpy(prepared.rgb).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-    latents = encode_latents(pipe.vae, pixels.to(pipe.vae.device, pipe.vae.dtype), sample=False)
-    decoded = ((decode_latents(pipe.vae, latents).float() * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
-    return prepared.restore(decoded[0].permute(1, 2, 0).cpu().numpy())
+    latents, prepared = vae_encode_slices(pipe, [image])
+    return vae_decode_slices(pipe, latents, prepared)[0]
 
 
-__all__ = ["as_rgb", "diagnose", "has_vae", "impute_slice", "impute_volume", "reference_ensemble", "vae_reconstruction"]
+__all__ = ["as_rgb", "diagnose", "has_vae", "impute_slice", "impute_volume", "reference_ensemble", "vae_decode_slices",
+           "vae_encode_slices", "vae_reconstruction"]

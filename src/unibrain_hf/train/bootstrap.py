@@ -97,16 +97,31 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024):
     return wrapped
 
 
+def _on_canvas(plane: np.ndarray, image_size: int) -> np.ndarray:
+    """A slice on the ``image_size``² canvas: zero-padded, and first shrunk (aspect kept, bicubic, as the
+    processor resizes) when a side is larger, so every fit image has the size the VAE is built for."""
+    from PIL import Image
+
+    from ..data.intensity import pad_to_size
+
+    height, width = plane.shape
+    if max(height, width) > image_size:
+        scale = image_size / max(height, width)
+        size = (max(1, min(image_size, round(width * scale))), max(1, min(image_size, round(height * scale))))
+        plane = np.asarray(Image.fromarray(plane).resize(size, resample=Image.BICUBIC))
+    return pad_to_size(plane, image_size)
+
+
 def slice_images(records, image_size: int, per_record: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 (N, H, W) axial slices, intensity-scaled and padded like the training data."""
-    from ..data.intensity import pad_to_size, rescale_intensity
+    """uint8 (N, image_size, image_size) axial slices, intensity-scaled and padded like the training data."""
+    from ..data.intensity import rescale_intensity
 
     slices = []
     for record in records:
         for volume in record.volumes.values():
             scaled = rescale_intensity(volume)
             for index in rng.choice(scaled.shape[0], size=min(per_record, scaled.shape[0]), replace=False):
-                slices.append(pad_to_size(scaled[index], image_size))
+                slices.append(_on_canvas(scaled[index], image_size))
     return np.stack(slices)
 
 
@@ -277,11 +292,15 @@ def vit_resize_bounds(image_size: int, vit_image_size: int | None = None) -> tup
     """(max, min) side the processor resizes an ``image_size`` slice to for the ViT.
 
     ``vit_image_size`` fixes both; by default the largest multiple of the 14-pixel patch not above
-    ``image_size``, smaller slices no smaller than 28. A size off the patch grid, or beyond the position
-    grid :func:`build_model` gives the ViT (twice the slice size), is a ``ValueError``.
+    ``image_size``, smaller slices no smaller than 28 (or that multiple, when it is below 28). A size off the
+    patch grid, or beyond the position grid :func:`build_model` gives the ViT (twice the slice size), is a
+    ``ValueError``, as is an ``image_size`` below one patch.
     """
     if vit_image_size is None:
-        return image_size - image_size % 14, 28
+        if image_size < 14:
+            raise ValueError(f"image_size must be at least the ViT's 14-pixel patch; got {image_size!r}")
+        largest = image_size - image_size % 14
+        return largest, min(28, largest)
     if not (isinstance(vit_image_size, int) and 0 < vit_image_size <= 2 * image_size and vit_image_size % 14 == 0):
         raise ValueError(f"vit_image_size must be a positive multiple of the ViT's 14-pixel patch, at most "
                          f"2 × image_size = {2 * image_size}; got {vit_image_size!r}")
@@ -309,6 +328,11 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
     from ..utils.atomic import atomic_directory
 
     recipe = vae or VaeRecipe(steps=vae_steps)
+    stride = recipe.downsample * latent_patch_size
+    if not (isinstance(image_size, int) and image_size > 0 and image_size % stride == 0):
+        # checked before any work: the VAE and the latent patches tile the canvas exactly or not at all
+        raise ValueError(f"image_size must be a positive multiple of the VAE's downsampling × the latent patch "
+                         f"size ({recipe.downsample} × {latent_patch_size} = {stride}); got {image_size!r}")
     vit_max, vit_min = vit_resize_bounds(image_size, vit_image_size)  # checked before any work
     if copy_head_gain is not None:  # so is the copy head (seed_copy_head would refuse it after the VAE fit)
         from .copy_head import check_copy_head
@@ -322,7 +346,6 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
     log(f"tokenizer: {len(tokenizer)} tokens")
     images = slice_images(records, image_size, per_record=slices_per_sequence, rng=np.random.default_rng(seed))
     fitted = fit_vae(images, seed=seed, log=log, recipe=recipe, progress=progress)
-    stride = recipe.downsample * latent_patch_size
     held_out = evaluation_slices(iter_subject_records(cohort_dir, split="val")) if recipe.steps else []
     ceiling = reconstruction_scores(fitted, held_out, image_size, stride)
     if recipe.steps:

@@ -145,6 +145,9 @@ def test_comparisons_pair_the_same_subjects_and_decide_the_claims():
     assert expected_sampler_delta(results, "t2f", "ssim") == pytest.approx(0.03)  # no penalty: the estimate is one
     allowed = list(comparisons(results)["data_allow"].values())
     assert allowed[0] == "a perfect one-sample imputation is expected at Δ PSNR t2f -1.01 dB; Δ SSIM t2f +0.030"
+    results["latent_predictability"] = {"t2f": {"summary": {"delta_ssim_vs_copy_interval": {"mean": -0.01}}}}
+    assert list(comparisons(results)["data_allow"].values())[0].endswith(
+        "; the conditional mean regressed in the VAE's latent space (the model's own): Δ SSIM t2f -0.010")
     with pytest.raises(ValueError, match="metric must be"):
         expected_sampler_delta(results, "t2f", "lpips")
     assert allowed[2] == allowed[3] == "a classifier fitted on T1n: Δ vs best constant +0.000 [-0.200, +0.200]"

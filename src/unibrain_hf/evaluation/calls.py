@@ -114,6 +114,7 @@ def vae_encode_slices(pipe, images: list[np.ndarray]) -> tuple[torch.Tensor, lis
     return latents, prepared
 
 
+@torch.no_grad()
 def vae_decode_slices(pipe, latents: torch.Tensor, prepared: list) -> list[np.ndarray]:
     """Latents → uint8 slices on each input's grid, truncated and cropped back as an imputed image is."""
     from ..modeling.vae import decode_latents
@@ -122,6 +123,7 @@ def vae_decode_slices(pipe, latents: torch.Tensor, prepared: list) -> list[np.nd
     return [p.restore(image.permute(1, 2, 0).cpu().numpy()) for image, p in zip(decoded, prepared)]
 
 
+@torch.no_grad()
 def vae_reconstruction(pipe, image: np.ndarray) -> np.ndarray:
     """The pipeline's VAE round trip of a uint8 slice (posterior mean), on the slice's grid: the ceiling.
 

@@ -121,7 +121,7 @@ def _windowed_ssim(ground_truth: np.ndarray, prediction: np.ndarray,
     equals ``structural_similarity`` (a test holds it to that).
 
     With ``independent_residual`` = r, the prediction is ``prediction + r'`` for a residual r' drawn independently
-    of the truth with r's local second moments (the plug-in of E[r'r'ᵀ] by rr ᵀ): r' adds its windowed mean² to the
+    of the truth with r's local second moments (the plug-in of E[r'r'ᵀ] by rrᵀ): r' adds its windowed mean² to the
     prediction's mean² and its windowed variance to its variance, and nothing to the covariance with the truth.
     """
     size = SSIM_WINDOW

@@ -8,6 +8,7 @@ CI runs ``unibrain demo --quick``; one test here re-scores a copy of it.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -301,6 +302,11 @@ def test_bootstrap_shrinks_slices_larger_than_the_canvas_and_refuses_a_canvas_of
     with pytest.raises(ValueError, match="image_size must be a positive multiple"):
         bootstrap_pipeline(cohort, tmp_path / "bad", image_size=stride + 4, vae=vae_recipe(plan), log=lambda *_: None)
     assert not (tmp_path / "bad").exists()
+    # the model's sizes too, before the tokenizer and the VAE fit
+    with pytest.raises(ValueError, match="num_attention_heads 4 is not a multiple of num_key_value_heads 3"):
+        bootstrap_pipeline(cohort, tmp_path / "bad", image_size=2 * stride, heads=4, kv_heads=3, vae=vae_recipe(plan),
+                           log=lambda *_: pytest.fail("work started before the sizes were checked"))
+    assert not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit, match="image_size=.*multiple of vae_downsample"):
         main(["--quick", "--out", str(tmp_path / "demo"), "--set", f"image_size={stride + 4}"])
     assert not (tmp_path / "demo").exists()
@@ -432,3 +438,29 @@ def test_lesion_and_diagnosability_rows_pair_the_estimates_with_the_models_own_r
     rows = diagnosability_table(results, compared).splitlines()[2:]
     assert [row.split(" | ")[1].split(" ")[0] for row in rows] == ["0.250", "0.500", "0.750", "1.000"]
     assert [row.split("|")[-2].strip() for row in rows] == ["0.125", "0.375", "", "0.625"]
+
+
+@pytest.mark.parametrize("assignment, named", [
+    ("targets=t1n", "targets=t1n: targets are sequences imputed from T1n"),
+    ("targets=xyz", "(xyz unknown)"),
+    ("targets=t2w,t2w", "more than once"),
+    ("kv_heads=3", "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ("inference_steps=1", "inference_steps=1: the evaluation's sampler grid needs at least 2 points"),
+    ("eval_subjects=-1", "eval_subjects=-1: must be 0 or more"),
+    ("dhs_steps=0", "dhs_steps=0: must be at least 1"),
+])
+def test_the_demo_refuses_a_plan_that_could_only_fail_later_before_writing_anything(tmp_path, assignment, named):
+    """Each of these used to fail after the cohort, the VAE fit or the training (or at evaluation, after all of it)."""
+    from unibrain_hf.demo import main
+
+    with pytest.raises(SystemExit, match=re.escape(named)):
+        main(["--quick", "--out", str(tmp_path / "demo"), "--set", assignment])
+    assert not (tmp_path / "demo").exists()
+
+
+def test_the_demo_refuses_targets_its_evaluation_split_cannot_score_before_training(tmp_path):
+    from unibrain_hf.demo import main
+
+    with pytest.raises(SystemExit, match=r"targets=dwi: no subject of split 'test' has all of \['t1n', 'dwi'\]"):
+        main(["--quick", "--out", str(tmp_path / "demo"), "--set", "targets=dwi"])
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["cohort"]  # nothing trained; the cohort stays

@@ -239,25 +239,55 @@ def _require_plotting() -> None:
                          "pip install -c constraints.txt -e '.[phantom]'") from None
 
 
-def run(args) -> int:
-    import torch
+def _plan_error(field: str, value, reason: str) -> SystemExit:
+    return SystemExit(f"unibrain demo: error: --set {field}={value}: {reason}")
 
-    from .data.phantom.generator import generate_cohort
-    from .train.bootstrap import bootstrap_pipeline, vit_resize_bounds
-    from .train.trainer import train
 
-    _require_plotting()
-    plan = (QUICK if args.quick else FULL).replace(args.assignments)
+def check_plan(plan: DemoPlan) -> None:
+    """Refuse a plan that could only fail later (after the cohort, the VAE fit or the training), naming the field."""
+    from .evaluation.cohort import check_codes
+    from .protocol.templates import CANONICAL_MODALITIES
+    from .train.bootstrap import model_config, vit_resize_bounds
+
+    sizes = ("subjects", "image_size", "hidden_size", "layers", "heads", "kv_heads", "vae_downsample",
+             "vae_channels", "vae_latent_channels", "latent_patch_size", "align_steps", "unified_steps", "dhs_steps",
+             "tokens_per_step", "max_new_tokens")
+    for name in sizes:
+        if getattr(plan, name) < 1:
+            raise _plan_error(name, getattr(plan, name), "must be at least 1")
+    for name in ("vae_steps", "eval_subjects", "predictability_steps", "latent_predictability_steps",
+                 "diagnosability_steps", "vit_image_size"):
+        if getattr(plan, name) < 0:
+            raise _plan_error(name, getattr(plan, name), "must be 0 or more")
+    if plan.inference_steps < 2:  # the evaluation counts sampler grid points, as the reference does
+        raise _plan_error("inference_steps", plan.inference_steps,
+                          "the evaluation's sampler grid needs at least 2 points (N points, N − 1 Euler steps)")
+    try:
+        targets = check_codes(plan.target_list, "targets")
+    except ValueError as err:
+        raise _plan_error("targets", plan.targets, str(err)) from None
+    unknown = [code for code in targets if code not in CANONICAL_MODALITIES]
+    if unknown or "t1n" in targets:
+        raise _plan_error("targets", plan.targets, f"targets are sequences imputed from T1n: choose from "
+                          f"{', '.join(c for c in CANONICAL_MODALITIES if c != 't1n')}"
+                          + (f" ({', '.join(unknown)} unknown)" if unknown else " (t1n is the input)"))
     stride = plan.vae_downsample * plan.latent_patch_size
-    if plan.image_size <= 0 or plan.image_size % stride:  # before anything is written
-        raise SystemExit(f"unibrain demo: error: --set image_size={plan.image_size}: must be a positive multiple of "
-                         f"vae_downsample × latent_patch_size = {stride}")
-    try:  # before anything is written
+    if plan.image_size % stride:
+        raise _plan_error("image_size", plan.image_size,
+                          f"must be a positive multiple of vae_downsample × latent_patch_size = {stride}")
+    try:
         vit_resize_bounds(plan.image_size, plan.vit_image_size or None)
     except ValueError as err:
         if not plan.vit_image_size:
-            raise SystemExit(f"unibrain demo: error: --set image_size={plan.image_size}: {err}")
-        raise SystemExit(f"unibrain demo: error: --set vit_image_size={plan.vit_image_size}: {err} (0: the default)")
+            raise _plan_error("image_size", plan.image_size, str(err)) from None
+        raise _plan_error("vit_image_size", plan.vit_image_size, f"{err} (0: the default)") from None
+    try:
+        model_config(1024, [0, 1, 2, 3], hidden_size=plan.hidden_size, layers=plan.layers, heads=plan.heads,
+                     kv_heads=plan.kv_heads, max_image_size=plan.image_size * 2, vae_downsample=plan.vae_downsample,
+                     latent_patch_size=plan.latent_patch_size, latent_channels=plan.vae_latent_channels)
+    except ValueError as err:  # ConfigError is a ValueError
+        raise SystemExit(f"unibrain demo: error: the model sizes (hidden_size {plan.hidden_size}, heads {plan.heads}, "
+                         f"kv_heads {plan.kv_heads}): {err}") from None
     if plan.copy_head_gain:  # 0 is off
         from .train.copy_head import check_copy_head
 
@@ -265,7 +295,30 @@ def run(args) -> int:
             check_copy_head(plan.hidden_size, plan.heads, plan.copy_head_gain)
         except ValueError as err:
             raise SystemExit(f"unibrain demo: error: --set copy_head_gain={plan.copy_head_gain}: {err} (hidden_size "
-                             f"{plan.hidden_size} / heads {plan.heads}; --set copy_head_gain=0 turns it off)")
+                             f"{plan.hidden_size} / heads {plan.heads}; --set copy_head_gain=0 turns it off)") from None
+
+
+def check_cohort_serves_plan(cohort: Path, split: str, plan: DemoPlan) -> None:
+    """The evaluation scores the ``split`` subjects that have T1n and every target: refuse a cohort without any."""
+    from .errors import EvaluationInputError
+    from .evaluation.cohort import index_cohort, select_subjects
+
+    try:
+        select_subjects(index_cohort(cohort, split), ["t1n"], plan.target_list)
+    except EvaluationInputError as err:
+        raise SystemExit(f"unibrain demo: error: --set targets={plan.targets}: {err}") from None
+
+
+def run(args) -> int:
+    import torch
+
+    from .data.phantom.generator import generate_cohort
+    from .train.bootstrap import bootstrap_pipeline
+    from .train.trainer import train
+
+    _require_plotting()
+    plan = (QUICK if args.quick else FULL).replace(args.assignments)
+    check_plan(plan)  # before anything is written
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -277,6 +330,7 @@ def run(args) -> int:
             raise SystemExit(f"unibrain demo: error: --cohort {cohort} is not a cohort (no split file)")
         generate_cohort(cohort, plan.subjects, seed=args.seed, voxel_size=plan.voxel_size, preview=True,
                         overwrite=True)
+    check_cohort_serves_plan(cohort, args.eval_split, plan)  # before any training
     clock.done("cohort")
     init = out / "init"
     if not (init / "model_index.json").exists():

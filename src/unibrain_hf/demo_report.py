@@ -30,6 +30,7 @@ import numpy as np
 
 from .evaluation.results import NORMAL_CLASS, image_series, interval_text, lesion_comparisons
 from .evaluation.statistics import paired_difference
+from .protocol.templates import CANONICAL_MODALITIES
 
 #: Subjects the attention measurement reads (its spread across subjects is small; each costs a few forwards).
 COPY_ATTENTION_SUBJECTS = 8
@@ -46,7 +47,7 @@ IMPUTED_ROW = "after unified imputation (stage 3)"
 ALL_REAL_ROW_PREFIX = "all real sequences"
 
 #: Sequences a phantom tumour/normal subject can have, in the order the upper-bound diagnosis gets them.
-ALL_SEQUENCES = ("t1n", "t1c", "t2w", "t2f", "dwi", "adc")
+ALL_SEQUENCES = CANONICAL_MODALITIES  # every sequence the protocol names, in its order
 
 
 def evaluate_demo(dhs_dir: Path, stage2_dir: Path, cohort: Path, report: Path, plan, split: str = "test",

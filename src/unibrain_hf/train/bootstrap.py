@@ -245,6 +245,34 @@ def reconstruction_scores(vae, slices: list[np.ndarray], image_size: int, stride
     return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "num_slices": len(slices)}
 
 
+def model_config(vocab_size: int, special_ids: list[int], hidden_size: int = 128, layers: int = 4, heads: int = 4,
+                 kv_heads: int = 2, vit_hidden: int = 64, vit_layers: int = 2, max_image_size: int = 128,
+                 vae_downsample: int = 8, latent_patch_size: int = 2, latent_channels: int = 16,
+                 intermediate_size: int | None = None):
+    """The :class:`UniBrainConfig` of a fresh toy model (``special_ids``: bos, eos, start and end of image).
+
+    Building it validates the sizes (``ConfigError`` naming each problem), so callers check a plan with it
+    before any data or weights exist.
+    """
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    from ..modeling import UniBrainConfig
+
+    text = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size,
+                       intermediate_size=intermediate_size or hidden_size * 2, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    grid_vit = max_image_size // 14 + 1
+    vision = SiglipVisionConfig(hidden_size=vit_hidden, intermediate_size=vit_hidden * 2, num_hidden_layers=vit_layers,
+                                num_attention_heads=max(1, vit_hidden // 32), image_size=grid_vit * 14, patch_size=14)
+    bos, eos, start_of_image, end_of_image = special_ids
+    return UniBrainConfig(text_config=text, vision_config=vision, latent_patch_size=latent_patch_size,
+                          latent_channels=latent_channels, vae_downsample=vae_downsample,
+                          max_latent_size=max_image_size // (vae_downsample * latent_patch_size),
+                          vit_max_num_patch_per_side=grid_vit, bos_token_id=bos, eos_token_id=eos,
+                          start_of_image_token_id=start_of_image, end_of_image_token_id=end_of_image)
+
+
 def build_model(tokenizer, hidden_size: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                 vit_hidden: int = 64, vit_layers: int = 2, max_image_size: int = 128, seed: int = 0,
                 vae_downsample: int = 8, latent_patch_size: int = 2, latent_channels: int = 16,
@@ -257,23 +285,13 @@ def build_model(tokenizer, hidden_size: int = 128, layers: int = 4, heads: int =
     velocities, the scale a pretrained head has. ``copy_head_gain`` (default: none) starts the generation
     expert with a head that reads the same grid position of earlier images (:mod:`.copy_head`).
     """
-    from transformers import Qwen2Config, SiglipVisionConfig
+    from ..modeling import UniBrainForConditionalGeneration
 
-    from ..modeling import UniBrainConfig, UniBrainForConditionalGeneration
-
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL]
-    text = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                       intermediate_size=intermediate_size or hidden_size * 2, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
-                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    grid_vit = max_image_size // 14 + 1
-    vision = SiglipVisionConfig(hidden_size=vit_hidden, intermediate_size=vit_hidden * 2, num_hidden_layers=vit_layers,
-                                num_attention_heads=max(1, vit_hidden // 32), image_size=grid_vit * 14, patch_size=14)
-    config = UniBrainConfig(text_config=text, vision_config=vision, latent_patch_size=latent_patch_size,
-                            latent_channels=latent_channels, vae_downsample=vae_downsample,
-                            max_latent_size=max_image_size // (vae_downsample * latent_patch_size),
-                            vit_max_num_patch_per_side=grid_vit, bos_token_id=ids[0], eos_token_id=ids[1],
-                            start_of_image_token_id=ids[2], end_of_image_token_id=ids[3])
+    config = model_config(len(tokenizer), [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL],
+                          hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads, vit_hidden=vit_hidden,
+                          vit_layers=vit_layers, max_image_size=max_image_size, vae_downsample=vae_downsample,
+                          latent_patch_size=latent_patch_size, latent_channels=latent_channels,
+                          intermediate_size=intermediate_size)
     torch.manual_seed(seed)
     model = UniBrainForConditionalGeneration(config)
     model.init_generation_expert_from_understanding()
@@ -334,6 +352,10 @@ def bootstrap_pipeline(cohort_dir: str | Path, out_dir: str | Path, image_size: 
         raise ValueError(f"image_size must be a positive multiple of the VAE's downsampling × the latent patch "
                          f"size ({recipe.downsample} × {latent_patch_size} = {stride}); got {image_size!r}")
     vit_max, vit_min = vit_resize_bounds(image_size, vit_image_size)  # checked before any work
+    # so are the model's sizes (the tokenizer's ids are not known yet; placeholders do for the check)
+    model_config(vocab_size, [0, 1, 2, 3], hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads,
+                 max_image_size=image_size * 2, vae_downsample=recipe.downsample, latent_patch_size=latent_patch_size,
+                 latent_channels=recipe.latent_channels, intermediate_size=intermediate_size)
     if copy_head_gain is not None:  # so is the copy head (seed_copy_head would refuse it after the VAE fit)
         from .copy_head import check_copy_head
 

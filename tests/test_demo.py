@@ -444,6 +444,7 @@ def test_lesion_and_diagnosability_rows_pair_the_estimates_with_the_models_own_r
     ("targets=t1n", "targets=t1n: targets are sequences imputed from T1n"),
     ("targets=xyz", "(xyz unknown)"),
     ("targets=t2w,t2w", "more than once"),
+    ("targets=", "targets=: name at least one sequence to impute from T1n"),
     ("kv_heads=3", "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
     ("inference_steps=1", "inference_steps=1: the evaluation's sampler grid needs at least 2 points"),
     ("eval_subjects=-1", "eval_subjects=-1: must be 0 or more"),

@@ -262,6 +262,8 @@ def check_plan(plan: DemoPlan) -> None:
     if plan.inference_steps < 2:  # the evaluation counts sampler grid points, as the reference does
         raise _plan_error("inference_steps", plan.inference_steps,
                           "the evaluation's sampler grid needs at least 2 points (N points, N − 1 Euler steps)")
+    if not plan.target_list:
+        raise _plan_error("targets", plan.targets, "name at least one sequence to impute from T1n, e.g. t2w,t2f")
     try:
         targets = check_codes(plan.target_list, "targets")
     except ValueError as err:

@@ -85,6 +85,45 @@ def network_batch(images: list[np.ndarray], side: int) -> torch.Tensor:
     return torch.from_numpy(padded.astype(np.float32)) / 127.5 - 1.0
 
 
+def _check_fit_settings(**settings) -> None:
+    for name, value in settings.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {value!r}")
+
+
+def _pairs_and_held_out(cohort, source: str, target: str, train_split: str, eval_split: str,
+                        subjects: list[str] | None, slices_per_subject: int, seed: int) -> tuple:
+    """(training source slices, their target slices, ``{subject: {code: slice}}`` of the scored slices)."""
+    inputs, targets = _training_pairs(cohort, source, target, train_split, slices_per_subject,
+                                      np.random.default_rng(seed))
+    if subjects is None:
+        subjects = select_subjects(index_cohort(cohort, eval_split), [source], [target])
+    held_out = evaluation_slices(cohort, eval_split, subjects, [source, target])
+    if not held_out:
+        raise ValueError(f"no subject of {eval_split!r} in {cohort} has both {source} and {target}")
+    return inputs, targets, held_out
+
+
+def _fit(make_network, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int, learning_rate: float,
+         seed: int, cosine: bool = False) -> tuple[torch.nn.Module, float]:
+    """``make_network()`` (seeded) fitted with squared error from ``x`` to ``y``; returns it and its last loss."""
+    torch_rng = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = make_network()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
+    for _ in range(steps):
+        batch = torch.randint(len(x), (batch_size,), generator=torch_rng)
+        loss = torch.nn.functional.mse_loss(network(x[batch]), y[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+    return network, float(loss.detach())
+
+
 def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: str = "test",
                               subjects: list[str] | None = None, train_split: str = "train", steps: int = 1000,
                               batch_size: int = 16, width: int = 32, slices_per_subject: int = 6,
@@ -98,31 +137,12 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
     sampler_psnr_estimate, sampler_delta_vs_copy, sampler_ssim_estimate, sampler_ssim_delta_vs_copy (+ interval)},
     "settings": {...}}``; images are compared on their own (unpadded) grid, as the evaluation tasks do.
     """
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("width", width),
-                        ("slices_per_subject", slices_per_subject)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
-    rng = np.random.default_rng(seed)
-    torch_rng = torch.Generator().manual_seed(seed)
-    inputs, targets = _training_pairs(cohort, source, target, train_split, slices_per_subject, rng)
-    if subjects is None:
-        subjects = select_subjects(index_cohort(cohort, eval_split), [source], [target])
-    held_out = evaluation_slices(cohort, eval_split, subjects, [source, target])
-    if not held_out:
-        raise ValueError(f"no subject of {eval_split!r} in {cohort} has both {source} and {target}")
+    _check_fit_settings(steps=steps, batch_size=batch_size, width=width, slices_per_subject=slices_per_subject)
+    inputs, targets, held_out = _pairs_and_held_out(cohort, source, target, train_split, eval_split, subjects,
+                                                    slices_per_subject, seed)
     side = canvas_side(inputs + targets + [s[source] for s in held_out.values()])
     x, y = network_batch(inputs, side), network_batch(targets, side)
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network = _network(width)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate)
-    for _ in range(steps):
-        batch = torch.randint(len(x), (batch_size,), generator=torch_rng)
-        loss = torch.nn.functional.mse_loss(network(x[batch]), y[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    network, final_loss = _fit(lambda: _network(width), x, y, steps, batch_size, learning_rate, seed)
 
     rows = []
     masks = evaluation_lesion_masks(cohort, eval_split, list(held_out))
@@ -156,7 +176,7 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
     settings = dict(source=source, target=target, train_split=train_split, eval_split=eval_split, steps=steps,
                     batch_size=batch_size, width=width, slices_per_subject=slices_per_subject,
                     learning_rate=learning_rate, seed=seed, training_slices=len(inputs), canvas=side,
-                    final_training_loss=float(loss.detach()))
+                    final_training_loss=final_loss)
     return {"per_subject": rows, "summary": summary, "settings": settings}
 
 
@@ -186,21 +206,12 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
     """
     from .calls import vae_decode_slices, vae_encode_slices
 
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("width", width),
-                        ("slices_per_subject", slices_per_subject)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
-    rng = np.random.default_rng(seed)
-    torch_rng = torch.Generator().manual_seed(seed)
-    inputs, targets = _training_pairs(cohort, source, target, train_split, slices_per_subject, rng)
+    _check_fit_settings(steps=steps, batch_size=batch_size, width=width, slices_per_subject=slices_per_subject)
+    inputs, targets, held_out = _pairs_and_held_out(cohort, source, target, train_split, eval_split, subjects,
+                                                    slices_per_subject, seed)
     # the pipeline refuses a blank slice as an input; such pairs carry nothing to learn either
     kept = [i for i, (a, b) in enumerate(zip(inputs, targets)) if a.min() < a.max() and b.min() < b.max()]
     inputs, targets = [inputs[i] for i in kept], [targets[i] for i in kept]
-    if subjects is None:
-        subjects = select_subjects(index_cohort(cohort, eval_split), [source], [target])
-    held_out = evaluation_slices(cohort, eval_split, subjects, [source, target])
-    if not held_out:
-        raise ValueError(f"no subject of {eval_split!r} in {cohort} has both {source} and {target}")
     # one canvas for every slice, so the latents stack (the pipeline pads each slice to its own canvas)
     side = canvas_side(inputs + targets + [s[source] for s in held_out.values()])
 
@@ -213,18 +224,8 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
         x, _ = encode(inputs)
         y, _ = encode(targets)
         held_latents, prepared = encode([s[source] for s in held_out.values()])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network = _latent_network(x.shape[1], width)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for _ in range(steps):
-        batch = torch.randint(len(x), (batch_size,), generator=torch_rng)
-        loss = torch.nn.functional.mse_loss(network(x[batch]), y[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    network, final_loss = _fit(lambda: _latent_network(x.shape[1], width), x, y, steps, batch_size, learning_rate,
+                               seed, cosine=True)
 
     with torch.no_grad():
         predicted_latents = network(held_latents).to(pipe.vae.device, pipe.vae.dtype)
@@ -242,7 +243,7 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
     settings = dict(source=source, target=target, train_split=train_split, eval_split=eval_split, steps=steps,
                     batch_size=batch_size, width=width, slices_per_subject=slices_per_subject,
                     learning_rate=learning_rate, seed=seed, training_slices=len(inputs), canvas=side,
-                    latent_shape=list(x.shape[1:]), final_training_loss=float(loss.detach()))
+                    latent_shape=list(x.shape[1:]), final_training_loss=final_loss)
     return {"per_subject": rows, "summary": summary, "settings": settings}
 
 

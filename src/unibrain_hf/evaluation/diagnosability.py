@@ -26,7 +26,7 @@ from ..data.intensity import lesion_slice_indices
 from ..data.radgenome import iter_subject_records
 from ..protocol.diagnosis import RulesLike, as_rules
 from .cohort import check_codes, evaluation_slices, index_cohort, scaled_volumes, select_subjects
-from .predictability import canvas_side, network_batch
+from .predictability import canvas_side, check_fit_settings, network_batch
 from .statistics import best_constant_answer, bootstrap_mean, paired_difference
 
 
@@ -91,9 +91,7 @@ def classifier_baseline(cohort, sources, *, eval_split: str = "test", subjects: 
     "settings": {...}}``; intervals are paired percentile-bootstrap dicts over subjects.
     """
     sources = check_codes(sources, "sources")
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
+    check_fit_settings(steps=steps, batch_size=batch_size, width=width)
     resolved = as_rules(rules)
     eligible = select_subjects(index_cohort(cohort, eval_split), sources, [])
     if subjects is None:

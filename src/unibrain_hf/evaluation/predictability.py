@@ -85,9 +85,10 @@ def network_batch(images: list[np.ndarray], side: int) -> torch.Tensor:
     return torch.from_numpy(padded.astype(np.float32)) / 127.5 - 1.0
 
 
-def _check_fit_settings(**settings) -> None:
+def check_fit_settings(**settings) -> None:
+    """Each of the fitted baselines' integer settings (steps, batch size, width, ...) is a positive int, named."""
     for name, value in settings.items():
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int; got {value!r}")
 
 
@@ -137,7 +138,7 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
     sampler_psnr_estimate, sampler_delta_vs_copy, sampler_ssim_estimate, sampler_ssim_delta_vs_copy (+ interval)},
     "settings": {...}}``; images are compared on their own (unpadded) grid, as the evaluation tasks do.
     """
-    _check_fit_settings(steps=steps, batch_size=batch_size, width=width, slices_per_subject=slices_per_subject)
+    check_fit_settings(steps=steps, batch_size=batch_size, width=width, slices_per_subject=slices_per_subject)
     inputs, targets, held_out = _pairs_and_held_out(cohort, source, target, train_split, eval_split, subjects,
                                                     slices_per_subject, seed)
     side = canvas_side(inputs + targets + [s[source] for s in held_out.values()])
@@ -206,7 +207,7 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
     """
     from .calls import vae_decode_slices, vae_encode_slices
 
-    _check_fit_settings(steps=steps, batch_size=batch_size, width=width, slices_per_subject=slices_per_subject)
+    check_fit_settings(steps=steps, batch_size=batch_size, width=width, slices_per_subject=slices_per_subject)
     inputs, targets, held_out = _pairs_and_held_out(cohort, source, target, train_split, eval_split, subjects,
                                                     slices_per_subject, seed)
     # the pipeline refuses a blank slice as an input; such pairs carry nothing to learn either
@@ -247,4 +248,5 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
     return {"per_subject": rows, "summary": summary, "settings": settings}
 
 
-__all__ = ["SAMPLING_PENALTY_DB", "canvas_side", "conditional_mean_baseline", "latent_mean_baseline", "network_batch"]
+__all__ = ["SAMPLING_PENALTY_DB", "canvas_side", "check_fit_settings", "conditional_mean_baseline",
+           "latent_mean_baseline", "network_batch"]

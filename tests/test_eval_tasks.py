@@ -505,3 +505,39 @@ def test_latent_mean_baseline_regresses_in_the_pipelines_own_vae_space(cohort_di
         latent_mean_baseline(pipe, cohort_dir, "t1n", "t2w", width=0)
     with pytest.raises(ValueError, match="has both t1n and dwi"):
         latent_mean_baseline(pipe, cohort_dir, "t1n", "dwi", steps=1)
+
+    # the two diagnostics: one token's reach, and the model's flow objective sampled once
+    token = latent_mean_baseline(pipe, cohort_dir, "t1n", "t2w", eval_split="test", steps=20, width=8,
+                                 slices_per_subject=3, reach="token")
+    flow = latent_mean_baseline(pipe, cohort_dir, "t1n", "t2w", eval_split="test", steps=20, width=8,
+                                slices_per_subject=3, reach="token", objective="flow", sample_points=3)
+    assert (token["settings"]["reach"], token["settings"]["objective"], token["settings"]["sample_points"]) == \
+        ("token", "regression", None)
+    assert (flow["settings"]["objective"], flow["settings"]["sample_points"]) == ("flow", 3)
+    assert [row["subject_id"] for row in flow["per_subject"]] == [row["subject_id"] for row in token["per_subject"]]
+    assert flow["summary"] != token["summary"]
+    assert latent_mean_baseline(pipe, cohort_dir, "t1n", "t2w", eval_split="test", steps=20, width=8,
+                                slices_per_subject=3, reach="token", objective="flow",
+                                sample_points=3)["summary"] == flow["summary"]  # seeded, sampling too
+    for bad, message in ((dict(reach="global"), "reach must be one of neighbours, token"),
+                         (dict(objective="score"), "objective must be one of regression, flow"),
+                         (dict(objective="flow", sample_points=1), "sample_points must be at least 2"),
+                         (dict(sample_points=0), "sample_points must be a positive int")):
+        with pytest.raises(ValueError, match=message):
+            latent_mean_baseline(pipe, cohort_dir, "t1n", "t2w", steps=1, **bad)
+
+
+def test_latent_networks_read_what_their_reach_says():
+    from unibrain_hf.evaluation.predictability import _latent_network
+
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8)
+    moved = latents.clone()
+    moved[0, :, 2:4, 4:6] += 1.0  # one 2x2 generation token
+    for reach, changed_rows, changed_cols in (("token", (2, 4), (4, 6)), ("neighbours", (0, 6), (2, 8))):
+        network = _latent_network(4, 4, 8, reach, patch=2)
+        with torch.no_grad():
+            changed = (network(moved) - network(latents)).abs().amax(dim=(0, 1)) > 0
+        expected = torch.zeros(8, 8, dtype=torch.bool)
+        expected[slice(*changed_rows), slice(*changed_cols)] = True
+        assert torch.equal(changed, expected), reach

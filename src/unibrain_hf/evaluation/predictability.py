@@ -176,25 +176,94 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
                                                                  [row["copy_ssim"] for row in rows]).to_dict()
     settings = dict(source=source, target=target, train_split=train_split, eval_split=eval_split, steps=steps,
                     batch_size=batch_size, width=width, slices_per_subject=slices_per_subject,
-                    learning_rate=learning_rate, seed=seed, training_slices=len(inputs), canvas=side,
+                    learning_rate=learning_rate, seed=seed, reach=reach, objective=objective,
+                    sample_points=sample_points if objective == "flow" else None, training_slices=len(inputs), canvas=side,
                     final_training_loss=final_loss)
     return {"per_subject": rows, "summary": summary, "settings": settings}
 
 
-def _latent_network(channels: int, width: int) -> torch.nn.Sequential:
+#: What one prediction of :func:`latent_mean_baseline` may read: a latent pixel's neighbours (two 3×3
+#: convolutions) or only its own generation token (``patch × patch`` latent pixels, what the model's copy
+#: head hands a target token).
+LATENT_REACHES = ("neighbours", "token")
+#: How :func:`latent_mean_baseline` is fitted: squared error to the target's latents (the conditional mean)
+#: or the model's own rectified-flow objective, then sampled once (what a generator of that reach does).
+LATENT_OBJECTIVES = ("regression", "flow")
+_TIME_FREQUENCIES = 8  # sin/cos pairs of the flow time, broadcast as constant input channels
+
+
+def _latent_network(in_channels: int, out_channels: int, width: int, reach: str = "neighbours",
+                    patch: int = 2) -> torch.nn.Sequential:
+    if reach == "token":
+        # One generation token in, the same token out: a per-token MLP written as convolutions of stride
+        # `patch`, so no output reads another token.
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(in_channels, width, patch, stride=patch), torch.nn.GELU(),
+            torch.nn.Conv2d(width, width, 1), torch.nn.GELU(),
+            torch.nn.Conv2d(width, width, 1), torch.nn.GELU(),
+            torch.nn.ConvTranspose2d(width, out_channels, patch, stride=patch))
     # Two 3x3 convolutions over the latent grid: a few latent pixels of context (a token and its neighbours,
     # the reach of the model's copy head), then per-position mixing.
     return torch.nn.Sequential(
-        torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.GELU(),
+        torch.nn.Conv2d(in_channels, width, 3, padding=1), torch.nn.GELU(),
         torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.GELU(),
         torch.nn.Conv2d(width, width, 1), torch.nn.GELU(),
-        torch.nn.Conv2d(width, channels, 1))
+        torch.nn.Conv2d(width, out_channels, 1))
+
+
+class _FlowVelocity(torch.nn.Module):
+    """v(x_t, source, t) for the flow fit: the network reads [x_t, source latents, sin/cos(t) maps]."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+        self.register_buffer("frequencies", 1000.0 * torch.exp(
+            -math.log(1000.0) * torch.arange(_TIME_FREQUENCIES) / _TIME_FREQUENCIES), persistent=False)
+
+    def forward(self, noisy: torch.Tensor, source: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        angles = t[:, None] * self.frequencies[None]
+        time = torch.cat([angles.sin(), angles.cos()], dim=1)[:, :, None, None].expand(-1, -1, *noisy.shape[-2:])
+        return self.network(torch.cat([noisy, source, time], dim=1))
+
+
+def _fit_flow(make_network, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int, learning_rate: float,
+              seed: int) -> tuple[torch.nn.Module, float]:
+    """The model's flow objective on (source ``x`` → target ``y``) latents: x_t = (1 − t)·y + t·ε, v = ε − y,
+    t = sigmoid(N(0, 1)) (the training time law at shift 1); cosine schedule. Returns the velocity and its last loss."""
+    torch_rng = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        velocity = _FlowVelocity(make_network())
+    optimizer = torch.optim.AdamW(velocity.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(steps):
+        batch = torch.randint(len(x), (batch_size,), generator=torch_rng)
+        t = torch.sigmoid(torch.randn(batch_size, generator=torch_rng))
+        noise = torch.randn(y[batch].shape, generator=torch_rng)
+        noisy = (1 - t[:, None, None, None]) * y[batch] + t[:, None, None, None] * noise
+        loss = torch.nn.functional.mse_loss(velocity(noisy, x[batch], t), noise - y[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return velocity, float(loss.detach())
+
+
+@torch.no_grad()
+def _sample_flow(velocity: torch.nn.Module, source: torch.Tensor, points: int, seed: int) -> torch.Tensor:
+    """One sample per source: Euler from t = 1 (seeded noise) to 0 over ``points`` evenly spaced grid points."""
+    latents = torch.randn(source.shape, generator=torch.Generator().manual_seed(seed))
+    grid = torch.linspace(1.0, 0.0, points)
+    for now, following in zip(grid[:-1], grid[1:]):
+        latents = latents + (following - now) * velocity(latents, source, now.expand(len(source)))
+    return latents
 
 
 def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: str = "test",
                          subjects: list[str] | None = None, train_split: str = "train", steps: int = 1500,
                          batch_size: int = 32, width: int = 64, slices_per_subject: int = 6,
-                         learning_rate: float = 2e-3, seed: int = 0) -> dict:
+                         learning_rate: float = 2e-3, seed: int = 0, reach: str = "neighbours",
+                         objective: str = "regression", sample_points: int = 10) -> dict:
     """The conditional-mean regression in the generator's own space: ``pipe``'s VAE latents, decoded by its VAE.
 
     The model imputes by denoising VAE latents with a squared-error (flow) objective, so its own estimate of
@@ -204,10 +273,25 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
     pixel-space estimate of :func:`conditional_mean_baseline`. Returns ``{"per_subject": [{subject_id, psnr,
     ssim, copy_psnr, copy_ssim}], "summary": {psnr, ssim, copy_psnr, copy_ssim, delta_psnr_vs_copy_interval,
     delta_ssim_vs_copy_interval}, "settings": {...}}``.
+
+    Two diagnostics of where a generator of this space falls short (docs/DEMO_RUN.md, "The model's own
+    space"): ``reach="token"`` lets each prediction read only its own generation token of the source (the
+    ``latent_patch_size``² latent pixels the model's copy head hands a target token) instead of its 3×3
+    neighbours; ``objective="flow"`` fits the model's rectified-flow objective instead of the mean and
+    scores one sample (Euler over ``sample_points`` grid points from seeded noise), what a generator with
+    that reach, trained on this one pair alone, achieves.
     """
     from .calls import vae_decode_slices, vae_encode_slices
 
-    check_fit_settings(steps=steps, batch_size=batch_size, width=width, slices_per_subject=slices_per_subject)
+    check_fit_settings(steps=steps, batch_size=batch_size, width=width, slices_per_subject=slices_per_subject,
+                       sample_points=sample_points)
+    if reach not in LATENT_REACHES:
+        raise ValueError(f"reach must be one of {', '.join(LATENT_REACHES)}; got {reach!r}")
+    if objective not in LATENT_OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(LATENT_OBJECTIVES)}; got {objective!r}")
+    if objective == "flow" and sample_points < 2:
+        raise ValueError(f"sample_points must be at least 2 (one Euler step) for the flow objective; got {sample_points}")
+    patch = int(getattr(pipe.model.config, "latent_patch_size", 2))
     inputs, targets, held_out = _pairs_and_held_out(cohort, source, target, train_split, eval_split, subjects,
                                                     slices_per_subject, seed)
     # the pipeline refuses a blank slice as an input; such pairs carry nothing to learn either
@@ -225,11 +309,23 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
         x, _ = encode(inputs)
         y, _ = encode(targets)
         held_latents, prepared = encode([s[source] for s in held_out.values()])
-    network, final_loss = _fit(lambda: _latent_network(x.shape[1], width), x, y, steps, batch_size, learning_rate,
-                               seed, cosine=True)
+    channels = x.shape[1]
+    if reach == "token" and x.shape[-1] % patch:
+        raise ValueError(f"reach='token': the latent grid ({x.shape[-1]}) is not a multiple of the model's "
+                         f"latent_patch_size ({patch})")
+    if objective == "flow":
+        velocity, final_loss = _fit_flow(
+            lambda: _latent_network(2 * channels + 2 * _TIME_FREQUENCIES, channels, width, reach, patch),
+            x, y, steps, batch_size, learning_rate, seed)
+        predicted = _sample_flow(velocity.eval(), held_latents, sample_points, seed + 1)
+    else:
+        network, final_loss = _fit(lambda: _latent_network(channels, channels, width, reach, patch), x, y, steps,
+                                   batch_size, learning_rate, seed, cosine=True)
+        with torch.no_grad():
+            predicted = network(held_latents)
 
     with torch.no_grad():
-        predicted_latents = network(held_latents).to(pipe.vae.device, pipe.vae.dtype)
+        predicted_latents = predicted.to(pipe.vae.device, pipe.vae.dtype)
         decoded = vae_decode_slices(pipe, predicted_latents, prepared)
     rows = []
     for (subject, images), image in zip(held_out.items(), decoded):
@@ -243,10 +339,11 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
             [row[metric] for row in rows], [row[f"copy_{metric}"] for row in rows]).to_dict()
     settings = dict(source=source, target=target, train_split=train_split, eval_split=eval_split, steps=steps,
                     batch_size=batch_size, width=width, slices_per_subject=slices_per_subject,
-                    learning_rate=learning_rate, seed=seed, training_slices=len(inputs), canvas=side,
+                    learning_rate=learning_rate, seed=seed, reach=reach, objective=objective,
+                    sample_points=sample_points if objective == "flow" else None, training_slices=len(inputs), canvas=side,
                     latent_shape=list(x.shape[1:]), final_training_loss=final_loss)
     return {"per_subject": rows, "summary": summary, "settings": settings}
 
 
-__all__ = ["SAMPLING_PENALTY_DB", "canvas_side", "check_fit_settings", "conditional_mean_baseline",
+__all__ = ["LATENT_OBJECTIVES", "LATENT_REACHES", "SAMPLING_PENALTY_DB", "canvas_side", "check_fit_settings", "conditional_mean_baseline",
            "latent_mean_baseline", "network_batch"]

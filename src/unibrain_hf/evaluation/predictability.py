@@ -176,8 +176,7 @@ def conditional_mean_baseline(cohort, source: str, target: str, *, eval_split: s
                                                                  [row["copy_ssim"] for row in rows]).to_dict()
     settings = dict(source=source, target=target, train_split=train_split, eval_split=eval_split, steps=steps,
                     batch_size=batch_size, width=width, slices_per_subject=slices_per_subject,
-                    learning_rate=learning_rate, seed=seed, reach=reach, objective=objective,
-                    sample_points=sample_points if objective == "flow" else None, training_slices=len(inputs), canvas=side,
+                    learning_rate=learning_rate, seed=seed, training_slices=len(inputs), canvas=side,
                     final_training_loss=final_loss)
     return {"per_subject": rows, "summary": summary, "settings": settings}
 
@@ -340,10 +339,12 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
     settings = dict(source=source, target=target, train_split=train_split, eval_split=eval_split, steps=steps,
                     batch_size=batch_size, width=width, slices_per_subject=slices_per_subject,
                     learning_rate=learning_rate, seed=seed, reach=reach, objective=objective,
-                    sample_points=sample_points if objective == "flow" else None, training_slices=len(inputs), canvas=side,
+                    sample_points=sample_points if objective == "flow" else None, training_slices=len(inputs),
+                    canvas=side,
                     latent_shape=list(x.shape[1:]), final_training_loss=final_loss)
     return {"per_subject": rows, "summary": summary, "settings": settings}
 
 
-__all__ = ["LATENT_OBJECTIVES", "LATENT_REACHES", "SAMPLING_PENALTY_DB", "canvas_side", "check_fit_settings", "conditional_mean_baseline",
+__all__ = ["LATENT_OBJECTIVES", "LATENT_REACHES", "SAMPLING_PENALTY_DB", "canvas_side", "check_fit_settings",
+           "conditional_mean_baseline",
            "latent_mean_baseline", "network_batch"]

@@ -516,6 +516,9 @@ def test_latent_mean_baseline_regresses_in_the_pipelines_own_vae_space(cohort_di
     assert (flow["settings"]["objective"], flow["settings"]["sample_points"]) == ("flow", 3)
     assert [row["subject_id"] for row in flow["per_subject"]] == [row["subject_id"] for row in token["per_subject"]]
     assert flow["summary"] != token["summary"]
+    neighbours = latent_mean_baseline(pipe, cohort_dir, "t1n", "t2w", eval_split="test", steps=20, width=8,
+                                      slices_per_subject=3)
+    assert token["summary"] != neighbours["summary"]  # the reach reaches the network
     assert latent_mean_baseline(pipe, cohort_dir, "t1n", "t2w", eval_split="test", steps=20, width=8,
                                 slices_per_subject=3, reach="token", objective="flow",
                                 sample_points=3)["summary"] == flow["summary"]  # seeded, sampling too

@@ -106,17 +106,30 @@ def _pairs_and_held_out(cohort, source: str, target: str, train_split: str, eval
 
 
 def _fit(make_network, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int, learning_rate: float,
-         seed: int, cosine: bool = False) -> tuple[torch.nn.Module, float]:
-    """``make_network()`` (seeded) fitted with squared error from ``x`` to ``y``; returns it and its last loss."""
+         seed: int, cosine: bool = False, flow: bool = False) -> tuple[torch.nn.Module, float]:
+    """``make_network()`` (seeded) fitted from ``x`` to ``y``; returns it and its last loss.
+
+    Squared error to ``y`` (the conditional mean), or with ``flow`` the model's rectified-flow objective:
+    the network is wrapped as the velocity v(x_t, x, t) (:class:`_FlowVelocity`) and fitted to ε − y at
+    x_t = (1 − t)·y + t·ε, t = sigmoid(N(0, 1)) (the training time law at shift 1).
+    """
     torch_rng = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         network = make_network()
+    if flow:
+        network = _FlowVelocity(network)
     optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if cosine else None
     for _ in range(steps):
         batch = torch.randint(len(x), (batch_size,), generator=torch_rng)
-        loss = torch.nn.functional.mse_loss(network(x[batch]), y[batch])
+        if flow:
+            t = torch.sigmoid(torch.randn(batch_size, generator=torch_rng))
+            noise = torch.randn(y[batch].shape, generator=torch_rng)
+            noisy = (1 - t[:, None, None, None]) * y[batch] + t[:, None, None, None] * noise
+            loss = torch.nn.functional.mse_loss(network(noisy, x[batch], t), noise - y[batch])
+        else:
+            loss = torch.nn.functional.mse_loss(network(x[batch]), y[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -225,29 +238,6 @@ class _FlowVelocity(torch.nn.Module):
         return self.network(torch.cat([noisy, source, time], dim=1))
 
 
-def _fit_flow(make_network, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int, learning_rate: float,
-              seed: int) -> tuple[torch.nn.Module, float]:
-    """The model's flow objective on (source ``x`` → target ``y``) latents: x_t = (1 − t)·y + t·ε, v = ε − y,
-    t = sigmoid(N(0, 1)) (the training time law at shift 1); cosine schedule. Returns the velocity and its last loss."""
-    torch_rng = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        velocity = _FlowVelocity(make_network())
-    optimizer = torch.optim.AdamW(velocity.parameters(), lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for _ in range(steps):
-        batch = torch.randint(len(x), (batch_size,), generator=torch_rng)
-        t = torch.sigmoid(torch.randn(batch_size, generator=torch_rng))
-        noise = torch.randn(y[batch].shape, generator=torch_rng)
-        noisy = (1 - t[:, None, None, None]) * y[batch] + t[:, None, None, None] * noise
-        loss = torch.nn.functional.mse_loss(velocity(noisy, x[batch], t), noise - y[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    return velocity, float(loss.detach())
-
-
 @torch.no_grad()
 def _sample_flow(velocity: torch.nn.Module, source: torch.Tensor, points: int, seed: int) -> torch.Tensor:
     """One sample per source: Euler from t = 1 (seeded noise) to 0 over ``points`` evenly spaced grid points."""
@@ -290,7 +280,7 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
         raise ValueError(f"objective must be one of {', '.join(LATENT_OBJECTIVES)}; got {objective!r}")
     if objective == "flow" and sample_points < 2:
         raise ValueError(f"sample_points must be at least 2 (one Euler step) for the flow objective; got {sample_points}")
-    patch = int(getattr(pipe.model.config, "latent_patch_size", 2))
+    patch = pipe.model.config.latent_patch_size
     inputs, targets, held_out = _pairs_and_held_out(cohort, source, target, train_split, eval_split, subjects,
                                                     slices_per_subject, seed)
     # the pipeline refuses a blank slice as an input; such pairs carry nothing to learn either
@@ -312,14 +302,12 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
     if reach == "token" and x.shape[-1] % patch:
         raise ValueError(f"reach='token': the latent grid ({x.shape[-1]}) is not a multiple of the model's "
                          f"latent_patch_size ({patch})")
+    in_channels = 2 * channels + 2 * _TIME_FREQUENCIES if objective == "flow" else channels
+    network, final_loss = _fit(lambda: _latent_network(in_channels, channels, width, reach, patch), x, y, steps,
+                               batch_size, learning_rate, seed, cosine=True, flow=objective == "flow")
     if objective == "flow":
-        velocity, final_loss = _fit_flow(
-            lambda: _latent_network(2 * channels + 2 * _TIME_FREQUENCIES, channels, width, reach, patch),
-            x, y, steps, batch_size, learning_rate, seed)
-        predicted = _sample_flow(velocity.eval(), held_latents, sample_points, seed + 1)
+        predicted = _sample_flow(network.eval(), held_latents, sample_points, seed + 1)
     else:
-        network, final_loss = _fit(lambda: _latent_network(channels, channels, width, reach, patch), x, y, steps,
-                                   batch_size, learning_rate, seed, cosine=True)
         with torch.no_grad():
             predicted = network(held_latents)
 
@@ -340,11 +328,9 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
                     batch_size=batch_size, width=width, slices_per_subject=slices_per_subject,
                     learning_rate=learning_rate, seed=seed, reach=reach, objective=objective,
                     sample_points=sample_points if objective == "flow" else None, training_slices=len(inputs),
-                    canvas=side,
-                    latent_shape=list(x.shape[1:]), final_training_loss=final_loss)
+                    canvas=side, latent_shape=list(x.shape[1:]), final_training_loss=final_loss)
     return {"per_subject": rows, "summary": summary, "settings": settings}
 
 
 __all__ = ["LATENT_OBJECTIVES", "LATENT_REACHES", "SAMPLING_PENALTY_DB", "canvas_side", "check_fit_settings",
-           "conditional_mean_baseline",
-           "latent_mean_baseline", "network_batch"]
+           "conditional_mean_baseline", "latent_mean_baseline", "network_batch"]

@@ -279,7 +279,8 @@ def latent_mean_baseline(pipe, cohort, source: str, target: str, *, eval_split: 
     if objective not in LATENT_OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(LATENT_OBJECTIVES)}; got {objective!r}")
     if objective == "flow" and sample_points < 2:
-        raise ValueError(f"sample_points must be at least 2 (one Euler step) for the flow objective; got {sample_points}")
+        raise ValueError(f"sample_points must be at least 2 (one Euler step) for the flow objective; "
+                         f"got {sample_points}")
     patch = pipe.model.config.latent_patch_size
     inputs, targets, held_out = _pairs_and_held_out(cohort, source, target, train_split, eval_split, subjects,
                                                     slices_per_subject, seed)

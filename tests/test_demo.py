@@ -52,6 +52,18 @@ def test_stage_config_carries_the_plan(tmp_path):
     assert (bigger.data.vit_max_size, bigger.data.vit_min_size) == (84, 84)
 
 
+def test_stage_two_can_average_its_weights_over_longer_than_the_other_stages(tmp_path):
+    (tmp_path / "cohort").mkdir()
+    (tmp_path / "init").mkdir()
+    plan = QUICK.replace(["ema_decay=0.9", "unified_ema_decay=0.999"])
+    decays = {stage: stage_config(stage, tmp_path / "runs", tmp_path / "init", tmp_path / "cohort", 4, 1e-3,
+                                  plan).train.ema_decay for stage in ("align", "unified", "dhs")}
+    assert decays == {"align": 0.9, "unified": 0.999, "dhs": 0.9}
+    unset = stage_config("unified", tmp_path / "runs", tmp_path / "init", tmp_path / "cohort", 4, 1e-3,
+                         QUICK.replace(["ema_decay=0.9"]))
+    assert unset.train.ema_decay == 0.9  # 0: stage 2 follows ema_decay
+
+
 def _image_record(subject, ours, copy, target="t2f"):
     return {target: {"psnr": ours, "ssim": ours / 40}}, {target: {"psnr": copy, "ssim": copy / 40}}
 
@@ -449,6 +461,8 @@ def test_lesion_and_diagnosability_rows_pair_the_estimates_with_the_models_own_r
     ("inference_steps=1", "inference_steps=1: the evaluation's sampler grid needs at least 2 points"),
     ("eval_subjects=-1", "eval_subjects=-1: must be 0 or more"),
     ("dhs_steps=0", "dhs_steps=0: must be at least 1"),
+    ("unified_ema_decay=1.0", "unified_ema_decay=1.0: an EMA decay must be in [0, 1)"),
+    ("ema_decay=-0.5", "ema_decay=-0.5: an EMA decay must be in [0, 1)"),
 ])
 def test_the_demo_refuses_a_plan_that_could_only_fail_later_before_writing_anything(tmp_path, assignment, named):
     """Each of these used to fail after the cohort, the VAE fit or the training (or at evaluation, after all of it)."""

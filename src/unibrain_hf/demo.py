@@ -73,6 +73,7 @@ class DemoPlan:
     lr_scheduler: str = "cosine"
     min_lr_ratio: float = 0.1
     ema_decay: float = 0.95  # decay of the weight average each stage exports (0.95: about the last 20 steps)
+    unified_ema_decay: float = 0.0  # stage 2's decay when > 0 (its many steps can average over more); 0: ema_decay
     tokens_per_step: int = 1024
     # Condition dropout of stages 2-3 (what classifier-free guidance learns from). 0.1 rather than the
     # reference's 0.3, and no guidance below: at this scale both measured better on the validation
@@ -171,6 +172,7 @@ def stage_config(stage: str, out: Path, init: Path, cohort: Path, steps: int, le
     from .train.config import load_config
 
     size = plan.image_size
+    ema_decay = plan.unified_ema_decay if stage == "unified" and plan.unified_ema_decay > 0 else plan.ema_decay
     vit_max, vit_min = vit_resize_bounds(size, plan.vit_image_size or None)
     values = [f"stage={stage}", f"model.pretrained={init}", f"data.path={cohort}", f"data.image_size={size}",
               f"data.vae_max_size={size}", f"data.vae_min_size={size}", f"data.vit_max_size={vit_max}",
@@ -180,7 +182,7 @@ def stage_config(stage: str, out: Path, init: Path, cohort: Path, steps: int, le
               f"data.prefer_buffer_before={plan.tokens_per_step // 2}", f"train.max_steps={steps}",
               f"train.save_every={max(steps, 1)}", f"train.warmup_steps={max(1, steps // 20)}",
               f"train.learning_rate={learning_rate}", f"train.lr_scheduler={plan.lr_scheduler}",
-              f"train.min_lr_ratio={plan.min_lr_ratio}", f"train.ema_decay={plan.ema_decay}", "train.log_every=10",
+              f"train.min_lr_ratio={plan.min_lr_ratio}", f"train.ema_decay={ema_decay}", "train.log_every=10",
               f"train.mse_weight={plan.mse_weight}",
               f"train.output_dir={out / stage}", f"train.seed={seed}", f"train.data_seed={seed + 1}"]
     if stage != "align":  # stage 1 keeps the reference's condition dropout
@@ -259,6 +261,9 @@ def check_plan(plan: DemoPlan) -> None:
                  "diagnosability_steps", "vit_image_size"):
         if getattr(plan, name) < 0:
             raise _plan_error(name, getattr(plan, name), "must be 0 or more")
+    for name in ("ema_decay", "unified_ema_decay"):
+        if not 0 <= getattr(plan, name) < 1:
+            raise _plan_error(name, getattr(plan, name), "an EMA decay must be in [0, 1)")
     if plan.inference_steps < 2:  # the evaluation counts sampler grid points, as the reference does
         raise _plan_error("inference_steps", plan.inference_steps,
                           "the evaluation's sampler grid needs at least 2 points (N points, N − 1 Euler steps)")

@@ -73,3 +73,25 @@ def test_base_plus_exported_adapter_is_the_exported_pipeline(train_workspace, ex
     write_export(exported.model.state_dict(), exported.model, exported.vae, exported.tokenizer, exported.processor,
                  out)
     assert not adapter_dir.exists() and (out / "pipeline" / "model_index.json").exists()
+
+
+def test_a_finished_run_resumed_at_its_last_step_exports_its_trained_weights(train_workspace):
+    """docs/DEMO_RUN.md (rows AI-raw...): a finished run's pipeline re-exported from its trained, not averaged,
+    weights by resuming at its last step with ``train.export_weights: trained`` (no step is taken)."""
+    from safetensors.torch import load_file
+
+    from unibrain_hf.train.checkpoint import read_full_tensors
+    from unibrain_hf.train.trainer import train
+
+    out = train_workspace[0] / "re-export"
+    settings = {"train.max_steps": 2, "train.save_every": 2, "train.ema_decay": 0.5, "train.output_dir": out}
+    first = train(make_config(train_workspace, "unified", **settings), progress=False)
+    averaged = load_file(str(next((first.export_dir / "model").glob("*.safetensors"))))
+    again = train(make_config(train_workspace, "unified", **settings, **{"train.export_weights": "trained"}),
+                  resume="auto", progress=False)
+    assert again.steps == 2 and again.losses == []  # resumed at the end: nothing trained
+    trained = load_file(str(next((again.export_dir / "model").glob("*.safetensors"))))
+    expected = read_full_tensors(first.last_checkpoint, "model.")
+    for name, value in expected.items():
+        assert torch.equal(trained[name], value), name
+    assert any(not torch.equal(averaged[k], trained[k]) for k in expected)  # the first export was the EMA
